@@ -1,0 +1,318 @@
+"""The job configuration: one dataclass per concern, composed into :class:`JobConfig`.
+
+Precedence: dataclass defaults < the recipe (``--config FILE``, or the stage's default recipe
+in ``trainer/recipes/``) < ``--section.key value`` overrides. Values on the command line parse
+as YAML, so ``--data.train '[a.parquet, b/*.parquet]'`` and ``--optim.betas '[0.9, 0.95]'``
+work. Unknown keys are errors that name the closest valid key. The resolved config is written
+to ``<output_dir>/run.yaml`` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.config_base import ConfigBase, opt, unknown_key_message
+from trainer.data.config import DataConfig
+from trainer.errors import ConfigError
+
+Stage = Literal["pretrain", "cpt", "sft"]
+STAGES: tuple[str, ...] = ("pretrain", "cpt", "sft")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """Which architecture or weights to train, and how to run them."""
+
+    config: str | None = opt(
+        "qwen2.5-0.5b",
+        "Architecture: a built-in preset name (see trainer/presets/) or a dir holding config.json.",
+    )
+    name_or_path: str | None = opt(
+        None, "Pretrained weights (local dir or hub id) for cpt/sft; null builds random weights."
+    )
+    overrides: dict[str, Any] = opt(dict, "Architecture fields to change, e.g. {hidden_size: 512}.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = opt(
+        "auto", "Attention kernel; auto = flash_attention_2 when usable (CUDA, bf16/fp16), else sdpa."
+    )
+    gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "Training precision; auto = bf16 on GPUs that support it, else fp32."
+    )
+
+
+@dataclass
+class OptimConfig(ConfigBase):
+    """The optimizer and its hyper-parameters."""
+
+    name: Literal["adamw", "muon"] = opt(
+        "adamw", "adamw, or muon (Muon on 2-D hidden weights, AdamW on the rest)."
+    )
+    lr: float = opt(2.0e-5, "Peak learning rate (AdamW part).")
+    weight_decay: float = opt(0.1, "Decoupled weight decay (not applied to biases and norms).")
+    betas: list[float] = opt([0.9, 0.95], "Adam betas [beta1, beta2].")
+    eps: float = opt(1.0e-8, "Adam epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    muon_lr: float = opt(0.02, "Peak learning rate of the Muon part (optim.name: muon).")
+    muon_momentum: float = opt(0.95, "Muon momentum (optim.name: muon).")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"--optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"--optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"--optim.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class ScheduleConfig(ConfigBase):
+    """The learning-rate schedule, in optimizer steps."""
+
+    name: Literal["cosine", "linear", "constant", "onecycle", "wsd"] = opt(
+        "cosine", "cosine | linear | constant (all after linear warmup) | onecycle | wsd."
+    )
+    warmup_steps: int = opt(200, "Linear warmup length in optimizer steps.")
+    min_lr_ratio: float = opt(0.1, "Final LR as a fraction of the peak (cosine, linear, wsd).")
+    div_factor: float = opt(25.0, "onecycle: the LR starts at lr / div_factor.")
+    final_div_factor: float = opt(1.0e4, "onecycle: the LR ends at lr / (div_factor * final_div_factor).")
+    decay_fraction: float = opt(0.1, "wsd: fraction of the steps spent in the final decay.")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"--schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.div_factor < 1.0 or self.final_div_factor < 1.0:
+            raise ConfigError("--schedule.div_factor and --schedule.final_div_factor must be >= 1")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """How long to train and how often to log, evaluate and save (all in optimizer steps)."""
+
+    micro_batch_size: int = opt(16, "Sequences per rank per forward pass.")
+    grad_accum: int = opt(8, "Micro-batches per optimizer step on each rank.")
+    epochs: int = opt(1, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs).")
+    log_every: int = opt(50, "Log train metrics every N optimizer steps.")
+    eval_every: int = opt(500, "Evaluate every N optimizer steps (0 = only at the end).")
+    save_every: int = opt(500, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = opt(3, "Keep the newest N complete checkpoints (0 = keep all).")
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"--train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--train.max_steps must be >= 1 or null, got {self.max_steps}")
+
+
+@dataclass
+class ZeroConfig(ConfigBase):
+    """DeepSpeed ZeRO partitioning and offload."""
+
+    stage: int = opt(2, "ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+gradients), 3 (+parameters).")
+    offload_optimizer: bool = opt(False, "Keep optimizer state on the CPU and step with CPU Adam.")
+    offload_params: bool = opt(False, "Keep parameters on the CPU (ZeRO-3 only).")
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero.stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ConfigError("--zero.offload_params needs --zero.stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigError("--zero.offload_optimizer needs --zero.stage 1, 2 or 3")
+
+
+@dataclass
+class LogConfig(ConfigBase):
+    """Where progress and metrics go (rank 0 only)."""
+
+    progress: bool = opt(True, "Show a rich progress display on rank 0 (off when not a terminal).")
+    tensorboard: bool = opt(False, "Also write TensorBoard events to <output_dir>/tb (needs [track]).")
+    plot: bool = opt(True, "Write <output_dir>/loss_curve.png at the end.")
+    sample_prompt: str | None = opt(None, "Generate from this prompt after training and log the text.")
+    sample_tokens: int = opt(48, "Tokens to generate for sample_prompt.")
+
+
+@dataclass
+class JobConfig(ConfigBase):
+    """A whole run. YAML recipes and ``--section.key`` overrides fill it."""
+
+    stage: Stage = opt("pretrain", "pretrain | cpt | sft.")
+    output_dir: str = opt("runs/default", "Run directory: run.yaml, logs, checkpoints, hf/.")
+    seed: int = opt(1234, "Seed of weights init, data order and dropout.")
+    tokenizer: str | None = opt(None, "Tokenizer dir or hub id; null = model.name_or_path.")
+    model: ModelConfig = opt(None, "")
+    data: DataConfig = opt(None, "")
+    optim: OptimConfig = opt(None, "")
+    schedule: ScheduleConfig = opt(None, "")
+    train: TrainConfig = opt(None, "")
+    zero: ZeroConfig = opt(None, "")
+    log: LogConfig = opt(None, "")
+
+    def __post_init__(self) -> None:
+        # Sections left out of a recipe take their defaults.
+        for name, cls in SECTIONS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+        if self.stage in ("cpt", "sft") and not self.model.name_or_path:
+            raise ConfigError(f"stage {self.stage} starts from pretrained weights: set --model.name_or_path")
+        if self.tokenizer is None and self.model.name_or_path is None:
+            raise ConfigError("--tokenizer is required when model.name_or_path is not set")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or str(self.model.name_or_path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS: dict[str, type[ConfigBase]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "zero": ZeroConfig,
+    "log": LogConfig,
+}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; a missing file or a non-mapping is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def recipe_path(stage: str) -> Path:
+    """The default recipe of a stage: ``trainer/recipes/<stage>.yaml``."""
+    return RECIPES_DIR / f"{stage}.yaml"
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``['--optim.lr', '1e-3', '--data.pack=false']`` into a nested dict.
+
+    Values parse as YAML; a dotted key with no value is an error naming it.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: overrides look like --section.key value")
+        key, sep, raw = token[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+                raise ConfigError(f"--{key} needs a value")
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(out, key, value)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursing into mappings except ``model.overrides``-style leaves."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_keys(data: dict[str, Any]) -> None:
+    """Reject unknown top-level and section keys before building, with the closest valid one."""
+    top = [f for f in JobConfig.__dataclass_fields__]
+    for key, value in data.items():
+        if key not in top:
+            raise ConfigError(unknown_key_message("", key, top))
+        if key in SECTIONS and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"--{key} must be a section (a mapping), got {value!r}")
+
+
+def build_config(
+    stage: str | None = None,
+    config_path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Resolve a JobConfig: ``base`` (or the recipe) then overrides, strictly checked.
+
+    ``base`` is a saved run.yaml mapping (resume); otherwise ``config_path`` or the stage's
+    default recipe. ``stage`` given on the command line wins over the recipe's.
+    """
+    if base is not None:
+        data = copy.deepcopy(base)
+    elif config_path is not None:
+        data = read_yaml(config_path)
+    else:
+        stage = stage or "pretrain"
+        if stage not in STAGES:
+            raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        data = read_yaml(recipe_path(stage))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data = deep_merge(data, overrides or {})
+    if stage is not None:
+        data["stage"] = stage
+    check_keys(data)
+    return JobConfig.from_dict(data)
+
+
+def save_run_yaml(cfg: JobConfig, output_dir: str | Path) -> Path:
+    """Write the resolved config to ``<output_dir>/run.yaml`` atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.replace(path)
+    return path

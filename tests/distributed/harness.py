@@ -1,0 +1,78 @@
+"""Launch real multi-process DeepSpeed on CPU and collect what the ranks wrote.
+
+Process start-up (imports, DeepSpeed init) costs 10-20 s here, so one launch runs several
+checks; each rank writes ``rank<N>.json`` into the results dir for pytest to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """Environment for CPU ranks: no CUDA, one thread per rank (2 ranks share 2 cores)."""
+    env = dict(os.environ)
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    env.update(extra)
+    return env
+
+
+def deepspeed_cmd(nprocs: int, script: str | Path, args: list[str], port: int | None = None) -> list[str]:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [
+        str(launcher),
+        "--num_gpus",
+        str(nprocs),
+        "--master_port",
+        str(port or free_port()),
+        str(script),
+        *args,
+    ]
+
+
+def run_deepspeed(
+    nprocs: int, script: str | Path, args: list[str], timeout: float = 600, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus N script args`` and return the finished process."""
+    proc = subprocess.run(
+        deepspeed_cmd(nprocs, script, args),
+        cwd=REPO,
+        env=cpu_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def worker_args(argv: list[str]) -> list[str]:
+    """A worker's own arguments: what the deepspeed launcher passed, minus --local_rank."""
+    return [a for a in argv[1:] if not a.startswith("--local_rank")]
+
+
+def read_results(results_dir: Path, nprocs: int) -> list[dict]:
+    return [json.loads((results_dir / f"rank{r}.json").read_text()) for r in range(nprocs)]

@@ -1,0 +1,105 @@
+"""dstrain's training entry point; runs under ``deepspeed`` (or plain ``python`` for 1 rank).
+
+    deepspeed --num_gpus 3 trainer/main.py --stage pretrain [--config recipe.yaml] [--section.key value ...]
+
+Reads like a table of contents: parse the config, build the parts, train, export, close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import STAGES, JobConfig, build_config, save_run_yaml
+from trainer.dist import DistInfo, init_distributed
+from trainer.errors import DstrainError
+
+log = logging.getLogger("dstrain")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stage", choices=STAGES, default=None, help="pretrain | cpt | sft")
+    parser.add_argument("--config", default=None, help="recipe YAML (default: trainer/recipes/<stage>.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(job: JobConfig, dist: DistInfo) -> None:
+    """Build the parts and train. Imports are local so `--help` and config errors stay fast."""
+    import json
+
+    from trainer.checkpoint import export_hf
+    from trainer.data import build_eval_batches, build_train_data
+    from trainer.engine import build_engine
+    from trainer.loop import Trainer, total_steps_for
+    from trainer.metrics import callbacks_for
+    from trainer.model import build_model, load_tokenizer, resolve_precision
+    from trainer.train_module import TrainModule
+
+    on_gpu = dist.device.startswith("cuda")
+    precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    out = Path(job.output_dir)
+    tokenizer = load_tokenizer(job.tokenizer_path)
+    train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
+    eval_batches = build_eval_batches(job.data, tokenizer, dist, job.train.micro_batch_size)
+    total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
+    seed_everything(job.seed)
+    model = build_model(job, tokenizer, precision, on_gpu)
+    engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps)
+    if dist.is_main:
+        save_run_yaml(job, out)
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        log.info("training %d optimizer steps on %d rank(s); output in %s", total_steps, dist.world_size, out)
+    trainer = Trainer(
+        job,
+        dist,
+        TrainModule(engine, dist),
+        train_data,
+        eval_batches,
+        total_steps,
+        callbacks_for(job, dist, total_steps),
+    )
+    trainer.fit()
+    export_hf(engine, tokenizer, out / "hf", dist)
+    if dist.is_main and job.log.sample_prompt:
+        from trainer.generate import generate_text
+
+        log.info("sample: %s", generate_text(out / "hf", job.log.sample_prompt, job.log.sample_tokens))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    dist = DistInfo.from_env()
+    try:
+        job = build_config(stage=args.stage, config_path=args.config, overrides=overrides)
+        from trainer.metrics import setup_logging
+
+        setup_logging(job.output_dir, dist)
+        init_distributed(dist)
+        run(job, dist)
+    except DstrainError as exc:
+        print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

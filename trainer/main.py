@@ -48,7 +48,8 @@ def run(job: JobConfig, dist: DistInfo) -> None:
     from trainer.engine import build_engine
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
-    from trainer.model import build_model, load_tokenizer, resolve_precision
+    from trainer.model import build_model, resolve_precision
+    from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
 
     on_gpu = dist.device.startswith("cuda")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from trainer.config import JobConfig, ModelConfig
 from trainer.errors import ConfigError
@@ -23,18 +23,6 @@ log = logging.getLogger("dstrain")
 PRESETS_DIR = Path(__file__).parent / "presets"
 Precision = Literal["bf16", "fp16", "fp32"]
 VOCAB_MULTIPLE = 64
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """A fast tokenizer from a local dir or a hub id; pad falls back to EOS (masked by labels)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--tokenizer {name_or_path!r} could not be loaded: {first}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def preset_names() -> list[str]:
@@ -112,7 +100,11 @@ def select_attention(requested: str, on_gpu: bool, precision: Precision) -> str:
 
 def apply_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing: works with frozen bases (LoRA) and needs no input grads."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
 
 

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import shared_path
+from trainer.config import build_config
+from trainer.errors import ConfigError
+from trainer.model import (
+    PRESETS_DIR,
+    apply_gradient_checkpointing,
+    build_model,
+    resolve_precision,
+    select_attention,
+)
+from trainer.tokenizer import load_tokenizer
+
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
+
+
+def test_qwen_preset_matches_the_real_config():
+    real = json.loads(shared_path("qwen2.5-0.5b", "config.json").read_text())
+    preset = json.loads((PRESETS_DIR / "qwen2.5-0.5b.json").read_text())
+    for key, value in preset.items():
+        assert real[key] == value, key
+    assert set(real) - set(preset) <= {"transformers_version", "torch_dtype"}
+
+
+def test_pretrain_model_takes_overrides_and_rounds_vocab(tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    job = build_config(base={"tokenizer": str(tiny_tokenizer_dir), "model": {"overrides": TINY}})
+    model = build_model(job, tok, "fp32", on_gpu=False)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert model.config._attn_implementation == "sdpa"
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+def test_real_qwen_tokenizer_loads_from_a_local_dir():
+    tok = load_tokenizer(str(shared_path("qwen2.5-0.5b")))
+    assert tok.eos_token == "<|endoftext|>" and len(tok) == 151665
+
+
+def test_unknown_architecture_field_is_an_error(tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    job = build_config(base={"tokenizer": "t", "model": {"overrides": {"hiden_size": 64}}})
+    with pytest.raises(ConfigError, match=r"--model\.overrides\.hiden_size"):
+        build_model(job, tok, "fp32", on_gpu=False)
+
+
+def test_missing_tokenizer_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"--tokenizer .* could not be loaded") as info:
+        load_tokenizer(str(tmp_path / "nope"))
+    assert "\n" not in str(info.value)
+
+
+def test_attention_and_precision_fall_back_on_cpu():
+    assert select_attention("auto", on_gpu=False, precision="fp32") == "sdpa"
+    assert select_attention("auto", on_gpu=True, precision="fp32") == "sdpa"
+    with pytest.raises(ConfigError, match="flash_attention_2 needs CUDA"):
+        select_attention("flash_attention_2", on_gpu=False, precision="bf16")
+    assert resolve_precision("auto", on_gpu=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=False) == "fp32"
+
+
+def test_gradient_checkpointing_keeps_gradients_identical():
+    from tests.distributed.workers.common import tiny_model
+
+    ids = torch.arange(1, 33).view(2, 16)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(seed=3).train()
+        if checkpointing:
+            apply_gradient_checkpointing(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

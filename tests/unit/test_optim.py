@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ def factors(name: str, total: int = 100, **kw) -> list[float]:
 def test_cosine_warms_up_linearly_then_decays_to_the_floor():
     f = factors("cosine", warmup_steps=10, min_lr_ratio=0.1)
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(f[:10], f[1:10]))
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert all(a <= b for a, b in pairwise(f[:10]))
+    assert all(a >= b for a, b in pairwise(f[10:]))
     assert lr_factor(100, 100, ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1)) == pytest.approx(0.1)
     mid = lr_factor(55, 100, ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1))
     assert mid == pytest.approx(0.1 + 0.9 * 0.5)

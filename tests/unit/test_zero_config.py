@@ -1,0 +1,211 @@
+"""launcher.zero: the JobConfig -> DeepSpeed JSON mapping, its golden templates, and DeepSpeed's
+own parser accepting every template."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from launcher.zero import (
+    TEMPLATES,
+    TEMPLATES_DIR,
+    build_ds_config,
+    regenerate_templates,
+    resolve_precision,
+    stale_templates,
+    template_configs,
+)
+from trainer.config import JobConfig, build_config
+from trainer.errors import ConfigError
+
+
+def job(**sections: dict[str, Any]) -> JobConfig:
+    return build_config(base={"tokenizer": "some/dir"}, overrides=sections)
+
+
+def test_batch_accum_and_clipping_come_from_train_and_optim() -> None:
+    ds = build_ds_config(
+        job(train={"micro_batch_size": 3, "grad_accum": 5}, optim={"max_grad_norm": 0.5}), "fp32", False
+    )
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5
+    assert "train_batch_size" not in ds  # DeepSpeed derives it, so any world size fits
+    assert "scheduler" not in ds and "optimizer" not in ds  # the trainer passes its own
+    assert ds["steps_per_print"] >= 10**9 and ds["wall_clock_breakdown"] is False
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_precision_blocks(precision: str) -> None:
+    ds = build_ds_config(job(), precision, True)  # type: ignore[arg-type]
+    assert ds["bf16"] == {"enabled": precision == "bf16"}
+    assert ds["fp16"]["enabled"] is (precision == "fp16")
+    if precision == "fp16":
+        assert ds["fp16"] == {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+
+
+def test_resolve_precision() -> None:
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", on_gpu=False) == "fp32"
+    assert resolve_precision("fp16", on_gpu=True, bf16_supported=False) == "fp16"
+    assert resolve_precision("bf16", on_gpu=False) == "bf16"
+    with pytest.raises(ConfigError, match="--model.dtype bf16"):
+        resolve_precision("bf16", on_gpu=True, bf16_supported=False)
+    with pytest.raises(ConfigError, match="--model.dtype fp16 needs a GPU"):
+        resolve_precision("fp16", on_gpu=False)
+
+
+def test_offloaded_optimizer_is_deepspeeds_adamw_with_job_hparams() -> None:
+    cfg = job(
+        zero={"stage": 2, "offload_optimizer": True},
+        optim={"lr": 3e-4, "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.05},
+    )
+    ds = build_ds_config(cfg, "bf16", on_gpu=False)
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 3e-4, "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.05},
+    }
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert "offload_param" not in ds["zero_optimization"]
+
+
+def test_zero3_gathers_16bit_weights_and_offloads_params() -> None:
+    ds = build_ds_config(job(zero={"stage": 3, "offload_params": True}), "bf16", on_gpu=True)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_optimizer" not in zero and "optimizer" not in ds
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_gather_flag_only_on_zero3(stage: int) -> None:
+    zero = build_ds_config(job(zero={"stage": stage}), "bf16", True)["zero_optimization"]
+    assert zero["stage"] == stage
+    assert "stage3_gather_16bit_weights_on_model_save" not in zero
+
+
+def test_overlap_comm_only_on_gpu_for_zero2_and_3() -> None:
+    def overlap(stage: int, on_gpu: bool) -> bool:
+        return build_ds_config(job(zero={"stage": stage}), "fp32", on_gpu)["zero_optimization"][
+            "overlap_comm"
+        ]
+
+    assert overlap(2, True) and overlap(3, True)
+    assert not overlap(1, True) and not overlap(2, False) and not overlap(3, False)
+
+
+def test_muon_with_offload_is_an_error_naming_both_flags() -> None:
+    cfg = job(optim={"name": "muon"}, zero={"stage": 2, "offload_optimizer": True})
+    with pytest.raises(ConfigError) as err:
+        build_ds_config(cfg, "bf16", True)
+    assert "--optim.name" in str(err.value) and "--zero.offload_optimizer" in str(err.value)
+
+
+def test_muon_is_deepspeeds_muon_with_both_learning_rates() -> None:
+    cfg = job(optim={"name": "muon", "lr": 1e-3, "muon_lr": 0.03, "muon_momentum": 0.9}, zero={"stage": 2})
+    ds = build_ds_config(cfg, "bf16", True)
+    assert ds["optimizer"]["type"] == "Muon"
+    assert ds["optimizer"]["params"] == {
+        "lr": 1e-3,
+        "muon_lr": 0.03,
+        "momentum": 0.9,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+    }
+    assert ds["zero_optimization"]["reduce_scatter"] is True
+
+
+def test_muon_on_zero3_turns_reduce_scatter_off() -> None:
+    # DeepSpeed's ZeRO-3 raises "Muon and reduce scatter cannot be used together".
+    ds = build_ds_config(job(optim={"name": "muon"}, zero={"stage": 3}), "bf16", True)
+    assert ds["zero_optimization"]["reduce_scatter"] is False
+    adamw = build_ds_config(job(zero={"stage": 3}), "bf16", True)
+    assert adamw["zero_optimization"]["reduce_scatter"] is True
+
+
+def test_offload_params_needs_zero3() -> None:
+    with pytest.raises(ConfigError, match="--zero.offload_params needs --zero.stage 3"):
+        job(zero={"stage": 2, "offload_params": True})
+
+
+def test_templates_match_build_ds_config(tmp_path) -> None:
+    """Golden test: regenerate into tmp and compare byte for byte with ds_configs/."""
+    written = regenerate_templates(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in TEMPLATES_DIR.glob("*.json"))
+    for path in written:
+        repo_file = TEMPLATES_DIR / path.name
+        assert path.read_text() == repo_file.read_text(), (
+            f"{repo_file} is stale: run python -m launcher.zero --regenerate and review the diff"
+        )
+    assert stale_templates() == []
+
+
+def test_template_reference_job() -> None:
+    zero3 = json.loads((TEMPLATES_DIR / "zero3_offload.json").read_text())
+    assert zero3["train_micro_batch_size_per_gpu"] == 16 and zero3["gradient_accumulation_steps"] == 8
+    assert zero3["bf16"]["enabled"] is True
+    assert zero3["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
+
+
+def test_deepspeed_parses_every_template() -> None:
+    """DeepSpeed's own config classes accept each template (world size 1, no process group)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+
+    known_top_level = {v for v in vars(constants).values() if isinstance(v, str)} | {ZERO_OPTIMIZATION}
+    assert "zero_allow_untested_optimizer" in known_top_level
+    for name, ds in template_configs().items():
+        parsed = DeepSpeedConfig(ds)  # pydantic: unknown zero_optimization keys raise
+        zero_section = TEMPLATES[name]
+        assert parsed.zero_optimization_stage == zero_section["stage"], name
+        assert parsed.train_batch_size == 16 * 8, name
+        assert parsed.gradient_clipping == 1.0, name
+        assert parsed.bfloat16_config.enabled is True, name
+        if zero_section["stage"] == 3:
+            assert parsed.zero_config.gather_16bit_weights_on_model_save is True, name
+        if zero_section.get("offload_optimizer"):
+            assert parsed.optimizer_name == "adamw", name
+            assert parsed.zero_config.offload_optimizer.pin_memory is True, name
+        if zero_section.get("offload_params"):
+            assert parsed.zero_config.offload_param.device == "cpu", name
+        # DeepSpeed ignores unknown top-level keys, so check every one is a name it reads.
+        assert set(ds) <= known_top_level, (name, set(ds) - known_top_level)
+
+
+@pytest.mark.parametrize(
+    ("sections", "precision", "on_gpu"),
+    [
+        ({"zero": {"stage": 2, "offload_optimizer": True}}, "fp16", False),
+        ({"zero": {"stage": 3}, "optim": {"name": "muon"}}, "fp32", False),
+        ({"zero": {"stage": 1}, "optim": {"max_grad_norm": 0.0}}, "bf16", True),
+    ],
+)
+def test_deepspeed_parses_cpu_and_fp16_variants(
+    sections: dict[str, Any], precision: str, on_gpu: bool
+) -> None:
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_ds_config(job(**sections), precision, on_gpu)  # type: ignore[arg-type]
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.zero_optimization_stage == sections["zero"]["stage"]
+    assert parsed.float16_config.enabled is (precision == "fp16")
+    if precision == "fp16":
+        assert parsed.float16_config.loss_scale == 0  # dynamic
+    if sections.get("optim", {}).get("name") == "muon":
+        assert parsed.optimizer_name == "muon"  # one of DeepSpeed's built-in optimizers
+        assert parsed.zero_config.reduce_scatter is False

@@ -106,6 +106,7 @@ class TrainConfig(ConfigBase):
     eval_every: int = opt(500, "Evaluate every N optimizer steps (0 = only at the end).")
     save_every: int = opt(500, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = opt(3, "Keep the newest N complete checkpoints (0 = keep all).")
+    keep_best: bool = opt(False, "Also keep the checkpoint with the best eval loss (saved at eval steps).")
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
@@ -144,6 +145,7 @@ class LogConfig(ConfigBase):
     plot: bool = opt(True, "Write <output_dir>/loss_curve.png at the end.")
     sample_prompt: str | None = opt(None, "Generate from this prompt after training and log the text.")
     sample_tokens: int = opt(48, "Tokens to generate for sample_prompt.")
+    doc_ids: bool = opt(False, "Record each logged step's document ids in metrics.jsonl (an all-gather).")
 
 
 @dataclass

@@ -31,6 +31,7 @@ class TrainState:
     tokens_seen: int = 0
     target_tokens_seen: int = 0
     best_eval_loss: float | None = None
+    best_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,7 @@ class Trainer:
         total_steps: int,
         callbacks: list[Callback],
         checkpointer: Any = None,
+        preemption: Any = None,
     ) -> None:
         self.job = job
         self.dist = dist
@@ -69,45 +71,73 @@ class Trainer:
         self.total_steps = total_steps
         self.callbacks = callbacks
         self.checkpointer = checkpointer
+        self.preemption = preemption
         self.state = TrainState()
-        self.stop_requested = False  # set by the pre-emption handler (checkpoint issue)
+        self.stop_requested = False
+        self.last_eval_step: int | None = None
+        self.last_save_step: int | None = None
+        self.throughput = Throughput()
 
     def fit(self) -> TrainState:
-        train = self.job.train
-        throughput = Throughput()
+        """Train until max_steps, the last epoch, or an agreed pre-emption signal."""
+        self.throughput = Throughput()
         self._emit("on_train_start")
         while not self._finished():
             for micro_batches in self._steps_of_epoch():
-                result = self.module.train_step(micro_batches)
-                lr = self.job.optim.lr * lr_factor(self.state.step, self.total_steps, self.job.schedule)
-                self.state.step += 1
-                self.state.tokens_seen += result.tokens
-                self.state.target_tokens_seen += result.target_tokens
-                throughput.add(result.tokens)
-                if self.state.step % train.log_every == 0 or self.state.step == self.total_steps:
-                    record = {
-                        "step": self.state.step,
-                        "epoch": self.state.epoch,
-                        "loss": result.loss,
-                        "lr": lr,
-                        "grad_norm": result.grad_norm,
-                        "tokens": self.state.tokens_seen,
-                        "tokens_per_s": throughput.rate(),
-                        "time": round(throughput.elapsed(), 3),
-                    }
-                    self._emit("on_step", record)
-                if train.eval_every and self.state.step % train.eval_every == 0:
-                    self.evaluate()
-                if self.checkpointer and train.save_every and self.state.step % train.save_every == 0:
-                    self.checkpointer.save(self)
+                self._train_step(micro_batches)
+                self._after_step()
                 if self._finished():
                     break
             else:
                 self.state.epoch += 1
-        if not train.eval_every or self.state.step % train.eval_every:
+        if not self.stop_requested and self.last_eval_step != self.state.step:
             self.evaluate()
+        if self.checkpointer and self.last_save_step != self.state.step:
+            self._save()
         self._emit("on_train_end")
         return self.state
+
+    def _train_step(self, micro_batches: list[Batch]) -> None:
+        result = self.module.train_step(micro_batches)
+        lr = self.job.optim.lr * lr_factor(self.state.step, self.total_steps, self.job.schedule)
+        self.state.step += 1
+        self.state.tokens_seen += result.tokens
+        self.state.target_tokens_seen += result.target_tokens
+        self.throughput.add(result.tokens)
+        if self.state.step % self.job.train.log_every and self.state.step != self.total_steps:
+            return
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens": self.state.tokens_seen,
+            "tokens_per_s": self.throughput.rate(),
+            "time": round(self.throughput.elapsed(), 3),
+        }
+        if self.job.log.doc_ids:
+            record["doc_ids"] = gather_doc_ids(micro_batches, self.dist)
+        self._emit("on_step", record)
+
+    def _after_step(self) -> None:
+        """Eval, save and pre-emption, in that order, at the optimizer-step boundary."""
+        train, step = self.job.train, self.state.step
+        new_best = False
+        if train.eval_every and step % train.eval_every == 0:
+            new_best = self.evaluate() is not None and self.state.best_step == step
+        save_due = bool(train.save_every and step % train.save_every == 0) or (new_best and train.keep_best)
+        if self.checkpointer and save_due:
+            self._save()
+        if self.preemption is not None and self.preemption.agreed(self.dist):
+            log.warning("pre-emption signal received: saving step %d and stopping", step)
+            if self.checkpointer and self.last_save_step != step:
+                self._save()
+            self.stop_requested = True
+
+    def _save(self) -> None:
+        self.checkpointer.save(self)
+        self.last_save_step = self.state.step
 
     def _finished(self) -> bool:
         if self.stop_requested or self.state.step >= self.total_steps:
@@ -160,6 +190,9 @@ class Trainer:
             log.warning("eval set has no target tokens; skipping eval")
             return None
         eval_loss = total_loss / total_targets
+        self.last_eval_step = self.state.step
+        if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
+            self.state.best_eval_loss, self.state.best_step = eval_loss, self.state.step
         record = {
             "step": self.state.step,
             "eval_loss": eval_loss,
@@ -180,3 +213,15 @@ class Trainer:
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+
+def gather_doc_ids(micro_batches: list[Batch], dist: DistInfo) -> list[int]:
+    """Sorted ids of the documents this step trained on, over all ranks (an audit trail)."""
+    import torch
+
+    local = sorted({int(i) for b in micro_batches for i in b["doc_ids"].unique().tolist() if i >= 0})
+    if dist.world_size == 1 or not torch.distributed.is_initialized():
+        return local
+    gathered: list[list[int]] = [[] for _ in range(dist.world_size)]
+    torch.distributed.all_gather_object(gathered, local)
+    return sorted({i for part in gathered for i in part})

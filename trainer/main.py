@@ -11,6 +11,7 @@ import argparse
 import logging
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--stage", choices=STAGES, default=None, help="pretrain | cpt | sft")
     parser.add_argument("--config", default=None, help="recipe YAML (default: trainer/recipes/<stage>.yaml)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest complete checkpoint in output_dir, from PATH, or 'auto' "
+        "(resume if one exists, else start fresh)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
@@ -39,16 +48,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: JobConfig, dist: DistInfo) -> None:
-    """Build the parts and train. Imports are local so `--help` and config errors stay fast."""
-    import json
+def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
+    """Build the parts and train; returns the exit code. Imports are local so `--help` and
+    config errors stay fast."""
 
-    from trainer.checkpoint import export_hf
+    from launcher.zero import resolve_precision, write_ds_config
+    from trainer.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, Preemption, export_hf, resolve_resume
     from trainer.data import build_eval_batches, build_train_data
     from trainer.engine import build_engine
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
-    from trainer.model import build_model, resolve_precision
+    from trainer.model import build_model
     from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
 
@@ -64,8 +74,10 @@ def run(job: JobConfig, dist: DistInfo) -> None:
     engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps)
     if dist.is_main:
         save_run_yaml(job, out)
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        write_ds_config(ds_config, out / "ds_config.json")
         log.info("training %d optimizer steps on %d rank(s); output in %s", total_steps, dist.world_size, out)
+    checkpointer = Checkpointer(job, dist, tokenizer)
+    preemption = Preemption()
     trainer = Trainer(
         job,
         dist,
@@ -74,16 +86,35 @@ def run(job: JobConfig, dist: DistInfo) -> None:
         eval_batches,
         total_steps,
         callbacks_for(job, dist, total_steps),
+        checkpointer=checkpointer,
+        preemption=preemption,
     )
-    trainer.fit()
+    resume_path = resolve_resume(resume, job.output_dir)
+    if resume_path is not None:
+        checkpointer.load(trainer, resume_path)
+    preemption.install()
+    try:
+        trainer.fit()
+    finally:
+        preemption.uninstall()
+    if trainer.stop_requested:
+        log.warning(
+            "stopped by a signal after saving step %d; exit %d (requeue)",
+            trainer.state.step,
+            PREEMPTED_EXIT_CODE,
+        )
+        return PREEMPTED_EXIT_CODE
     export_hf(engine, tokenizer, out / "hf", dist)
     if dist.is_main and job.log.sample_prompt:
         from trainer.generate import generate_text
 
         log.info("sample: %s", generate_text(out / "hf", job.log.sample_prompt, job.log.sample_tokens))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch.distributed's deprecation notices, raised inside DeepSpeed on every rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args, overrides = parse_args(argv)
     dist = DistInfo.from_env()
     try:
@@ -92,14 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(job.output_dir, dist)
         init_distributed(dist)
-        run(job, dist)
+        return run(job, dist, args.resume)
     except DstrainError as exc:
         print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Model setup: tokenizer, architecture, attention backend, precision, gradient checkpointing.
 
 Each feature is a function with one capability check and an explicit fallback:
-:func:`select_attention`, :func:`resolve_precision`, :func:`apply_gradient_checkpointing`.
+:func:`select_attention`, :func:`apply_gradient_checkpointing` (precision: ``launcher.zero.resolve_precision``).
 """
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from launcher.zero import Precision
 from trainer.config import JobConfig, ModelConfig
 from trainer.errors import ConfigError
 
 log = logging.getLogger("dstrain")
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-Precision = Literal["bf16", "fp16", "fp32"]
 VOCAB_MULTIPLE = 64
 
 
@@ -48,41 +48,33 @@ def load_architecture(cfg: ModelConfig) -> PretrainedConfig:
         ) from None
 
 
-def apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
-    """Set architecture fields; a key the architecture does not have is an error."""
-    for key, value in overrides.items():
+def apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> PretrainedConfig:
+    """A new config with ``overrides`` applied; a key the architecture lacks is an error.
+
+    The config is rebuilt from a dict rather than mutated, so derived fields (Qwen2's
+    per-layer ``layer_types``) are recomputed for a changed ``num_hidden_layers``.
+    """
+    for key in overrides:
         if not hasattr(config, key):
             raise ConfigError(
                 f"--model.overrides.{key}: {type(config).__name__} has no field {key!r} "
                 f"(e.g. hidden_size, num_hidden_layers, num_attention_heads, intermediate_size)"
             )
-        setattr(config, key, value)
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
+    data = {**config.to_dict(), **overrides}
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        data.pop("layer_types", None)
+        if "max_window_layers" in data:
+            data["max_window_layers"] = min(data["max_window_layers"], data["num_hidden_layers"])
+    heads, hidden, kv = data.get("num_attention_heads"), data.get("hidden_size"), data.get("num_key_value_heads")
     if heads and hidden and hidden % heads:
-        raise ConfigError(
-            f"--model.overrides: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-        )
-    kv = getattr(config, "num_key_value_heads", None)
+        raise ConfigError(f"--model.overrides: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if heads and kv and heads % kv:
-        raise ConfigError(
-            f"--model.overrides: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}"
-        )
-    if hasattr(config, "max_window_layers") and hasattr(config, "num_hidden_layers"):
-        config.max_window_layers = min(config.max_window_layers, config.num_hidden_layers)
+        raise ConfigError(f"--model.overrides: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+    return type(config).from_dict(data)
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def resolve_precision(dtype: str, on_gpu: bool, bf16_supported: bool) -> Precision:
-    """auto -> bf16 on GPUs that support it, else fp32; explicit choices are checked."""
-    if dtype == "auto":
-        return "bf16" if on_gpu and bf16_supported else "fp32"
-    if dtype == "fp16" and not on_gpu:
-        raise ConfigError("--model.dtype fp16 needs a GPU (DeepSpeed's fp16 loss scaling); use fp32 on CPU")
-    return dtype  # type: ignore[return-value]
 
 
 def select_attention(requested: str, on_gpu: bool, precision: Precision) -> str:
@@ -119,12 +111,11 @@ def build_model(job: JobConfig, tokenizer: Any, precision: Precision, on_gpu: bo
     if job.stage != "pretrain":
         raise ConfigError(f"stage {job.stage} is not available yet; use --stage pretrain")
     config = load_architecture(cfg)
-    apply_overrides(config, cfg.overrides)
+    config = apply_overrides(config, cfg.overrides)
     config.vocab_size = round_up(len(tokenizer), VOCAB_MULTIPLE)
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(config, name, value)
+        # Taken from the tokenizer even when None: a preset's ids belong to another vocabulary.
+        setattr(config, name, getattr(tokenizer, name, None))
     config.use_cache = False
     torch.manual_seed(job.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from launcher.zero import resolve_precision
 from tests.conftest import shared_path
 from trainer.config import build_config
 from trainer.errors import ConfigError
@@ -12,7 +13,6 @@ from trainer.model import (
     PRESETS_DIR,
     apply_gradient_checkpointing,
     build_model,
-    resolve_precision,
     select_attention,
 )
 from trainer.tokenizer import load_tokenizer

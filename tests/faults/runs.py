@@ -1,0 +1,151 @@
+"""Launch real 2-rank training runs in the background, watch their metrics, kill or signal them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import make_docs, write_parquet
+from tests.distributed.harness import REPO, cpu_env, deepspeed_cmd
+
+MAIN = REPO / "trainer" / "main.py"
+
+
+def make_recipe(root: Path, tokenizer_dir: Path, name: str, **sections: dict) -> Path:
+    """A tiny fp32 pretrain recipe over generated parquet (3 files, traceable doc ids)."""
+    data_dir = root / "data"
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True)
+        for i in range(3):
+            write_parquet(
+                data_dir / f"part{i}.parquet",
+                make_docs(300, seed=10 + i),
+                first_id=1000 * i,
+                row_group_size=40,
+            )
+    recipe = {
+        "stage": "pretrain",
+        "output_dir": str(root / name),
+        "seed": 7,
+        "tokenizer": str(tokenizer_dir),
+        "model": {
+            "overrides": {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+            },
+            "gradient_checkpointing": False,
+        },
+        "data": {
+            "train": [str(data_dir / "*.parquet")],
+            "max_seq_len": 64,
+            "buffer_size": 32,
+            "num_workers": 1,
+            "validation_fraction": 0.05,
+        },
+        "optim": {"lr": 3.0e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 10},
+        "train": {
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "max_steps": 40,
+            "log_every": 1,
+            "eval_every": 0,
+            "save_every": 5,
+            "keep_last": 3,
+        },
+        "zero": {"stage": 2},
+        "log": {"doc_ids": True, "plot": False, "progress": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe[section] = {**recipe.get(section, {}), **values}
+        else:
+            recipe[section] = values
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def start(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = deepspeed_cmd(2, MAIN, ["--config", str(recipe), *args])
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cpu_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so killpg reaches every rank
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    return finish(start(recipe, *args, env=env))
+
+
+def metrics(output_dir: Path) -> dict[int, dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "loss" in record:
+                out[record["step"]] = record
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if step in metrics(output_dir):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"run ended (exit {proc.returncode}) before step {step}:\n{proc.stdout.read()[-4000:]}"
+            )
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def rank_pid(rank: int) -> int:
+    """The pid of training rank ``rank`` (the deepspeed launcher passes --local_rank=N)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(MAIN).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
+            return int(entry.name)
+    raise AssertionError(f"no process for rank {rank}")
+
+
+def assert_same_run(got: dict[int, dict], want: dict[int, dict], steps: range) -> None:
+    for step in steps:
+        assert step in got, f"step {step} missing from the resumed run"
+        a, b = got[step], want[step]
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, f"step {step}: loss {a['loss']} vs {b['loss']}"
+        assert abs(a["lr"] - b["lr"]) <= 1e-12, f"step {step}: lr {a['lr']} vs {b['lr']}"
+        assert a["doc_ids"] == b["doc_ids"], f"step {step}: different documents"

@@ -1,0 +1,125 @@
+"""A resumed run is the same run: kill -9, a kill inside a save, SIGTERM to one rank, a
+changed config, all on real 2-rank DeepSpeed (CPU, gloo, fp32)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+
+from tests.faults import runs
+from trainer.checkpoint import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.distributed
+STEPS = range(1, 41)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def reference(request, root, tiny_tokenizer_dir):
+    """The uninterrupted 40-step run for a ZeRO stage."""
+    stage = request.param
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, f"ref_z{stage}", zero={"stage": stage})
+    code, out = runs.run(recipe)
+    assert code == 0, out[-4000:]
+    got = runs.metrics(root / f"ref_z{stage}")
+    assert sorted(got) == list(STEPS)
+    return stage, got
+
+
+def test_kill9_after_a_save_then_resume_is_exact(reference, root, tiny_tokenizer_dir):
+    stage, want = reference
+    # Stage 2 dies inside warmup (save at 5, warmup 10); stage 3 at a random later step.
+    kill_at = 7 if stage == 2 else random.Random(stage).randint(11, 19)
+    name = f"kill_z{stage}"
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, zero={"stage": stage})
+    proc = runs.start(recipe)
+    runs.wait_for_step(proc, root / name, kill_at)
+    runs.kill_all(proc)
+    code, out = runs.run(recipe, "--resume")
+    assert code == 0, out[-4000:]
+    assert "resumed from" in out
+    runs.assert_same_run(runs.metrics(root / name), want, STEPS)
+
+
+def test_kill_inside_a_save_keeps_latest_on_the_previous_checkpoint(reference, root, tiny_tokenizer_dir):
+    stage, want = reference
+    if stage != 2:
+        pytest.skip("one stage is enough for the save-path fault")
+    name = "killsave"
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name)
+    code, out = runs.run(recipe, env={"DSTRAIN_FAULT": "kill_rank1_in_save:10"})
+    assert code != 0
+    ckpts = root / name / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_5"
+    assert (ckpts / "step_10").is_dir() and not (ckpts / "step_10" / "COMPLETE").exists()
+    code, out = runs.run(recipe, "--resume")
+    assert code == 0, out[-4000:]
+    assert "skipping incomplete checkpoint" in out and "resumed from" in out and "step_5" in out
+    runs.assert_same_run(runs.metrics(root / name), want, STEPS)
+
+
+def test_sigterm_to_one_rank_saves_the_same_step_everywhere(reference, root, tiny_tokenizer_dir):
+    stage, want = reference
+    if stage != 2:
+        pytest.skip("one stage is enough for the signal path")
+    name = "sigterm"
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"save_every": 100})
+    proc = runs.start(recipe)
+    runs.wait_for_step(proc, root / name, 12)
+    os.kill(runs.rank_pid(1), signal.SIGTERM)
+    code, out = runs.finish(proc)
+    assert code == PREEMPTED_EXIT_CODE, out[-4000:]
+    ckpts = root / name / "checkpoints"
+    saved = (ckpts / "latest").read_text()
+    step = int(saved.split("_")[1])
+    assert step >= 12 and (ckpts / saved / "COMPLETE").is_file()
+    assert (ckpts / saved / "dstrain_rank0.pt").is_file() and (ckpts / saved / "dstrain_rank1.pt").is_file()
+    code, out = runs.run(recipe, "--resume")
+    assert code == 0, out[-4000:]
+    runs.assert_same_run(runs.metrics(root / name), want, STEPS)
+
+
+def test_config_change_on_resume(reference, root, tiny_tokenizer_dir):
+    stage, want = reference
+    if stage != 2:
+        pytest.skip("one stage is enough for config changes")
+    name = "kill_z2"  # reuse the killed-and-resumed run's checkpoints (step 40 is the newest)
+    changed = runs.make_recipe(root, tiny_tokenizer_dir, name, optim={"lr": 1.0e-3}, train={"max_steps": 44})
+    code, out = runs.run(changed, "--resume")
+    assert code == 0, out[-4000:]
+    assert "optim.lr: 0.003 -> 0.001" in out
+    got = runs.metrics(root / name)
+    assert sorted(got)[-1] == 44
+    # cosine over 44 steps, warmup 10, evaluated at step index 40..43 with the new peak lr
+    from trainer.config import ScheduleConfig
+    from trainer.optim import lr_factor
+
+    for step in range(41, 45):
+        assert got[step]["lr"] == pytest.approx(
+            1.0e-3 * lr_factor(step - 1, 44, ScheduleConfig(warmup_steps=10))
+        )
+    wrong = runs.make_recipe(
+        root,
+        tiny_tokenizer_dir,
+        name,
+        model={
+            "overrides": {
+                "hidden_size": 96,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+            }
+        },
+    )
+    code, out = runs.run(wrong, "--resume")
+    assert code == 2
+    errors = [line for line in out.splitlines() if "dstrain: error:" in line]
+    assert errors and "model.overrides changed" in errors[0]

@@ -36,8 +36,8 @@ from trainer.errors import ConfigError, DstrainError
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data.tools", "main", "Prepare and inspect data (json/jsonl -> parquet, stats)."),
-    "export": ("trainer.checkpoint", "export_main", "Export a checkpoint to Hugging Face format."),
-    "ckpt": ("trainer.checkpoint", "ckpt_main", "List, check and convert checkpoints."),
+    "export": ("trainer.export", "export_main", "Export a checkpoint to Hugging Face format."),
+    "ckpt": ("trainer.export", "ckpt_main", "List, check and convert checkpoints."),
 }
 
 

@@ -123,3 +123,24 @@ def test_config_change_on_resume(reference, root, tiny_tokenizer_dir):
     assert code == 2
     errors = [line for line in out.splitlines() if "dstrain: error:" in line]
     assert errors and "model.overrides changed" in errors[0]
+
+
+def test_export_of_a_zero3_checkpoint_matches_the_engine_export(reference, root):
+    stage, _ = reference
+    if stage != 3:
+        pytest.skip("the ZeRO-3 shards are the case that comes out empty elsewhere")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import export_main
+
+    out = root / "z3_export"
+    assert export_main([str(root / "ref_z3" / "checkpoints" / "step_40"), str(out), "--dtype", "fp32"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    live = AutoModelForCausalLM.from_pretrained(root / "ref_z3" / "hf", dtype=torch.float32).eval()
+    assert all(p.numel() > 0 for p in exported.parameters())
+    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in live.parameters())
+    probe = torch.arange(1, 40).view(3, 13)
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=probe).logits, live(input_ids=probe).logits, atol=1e-5)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()

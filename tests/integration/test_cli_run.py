@@ -1,0 +1,120 @@
+"""`dstrain run` end to end on 2 CPU ranks: the files people use, with numbers that make sense."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.distributed.harness import REPO, cpu_env
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
+    root = tmp_path_factory.mktemp("cli")
+    recipe = {
+        "stage": "pretrain",
+        "output_dir": str(root / "run"),
+        "tokenizer": str(tiny_tokenizer_dir),
+        "model": {
+            "overrides": {
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "intermediate_size": 128,
+            },
+            "gradient_checkpointing": True,
+        },
+        "data": {
+            "train": [str(tiny_corpus)],
+            "max_seq_len": 64,
+            "buffer_size": 64,
+            "validation_fraction": 0.1,
+        },
+        "optim": {"lr": 3.0e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 4},
+        "train": {
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "max_steps": 24,
+            "log_every": 4,
+            "eval_every": 12,
+            "save_every": 12,
+        },
+        "log": {"sample_prompt": "doc 1:", "sample_tokens": 8},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    dstrain = Path(sys.executable).parent / "dstrain"
+    proc = subprocess.run(
+        [str(dstrain), "run", str(path), "--gpus", "2", "--zero.stage", "3"],
+        cwd=root,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root / "run", proc
+
+
+def test_prints_the_command_and_writes_the_resolved_config(run_dir):
+    out, proc = run_dir
+    assert "deepspeed" in proc.stdout and "trainer/main.py" in proc.stdout and "--num_gpus 2" in proc.stdout
+    run_yaml = yaml.safe_load((out / "run.yaml").read_text())
+    assert run_yaml["zero"]["stage"] == 3, "the CLI override reached the resolved config"
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+
+
+def test_metrics_jsonl_has_the_documented_fields_and_the_loss_falls(run_dir):
+    out, _ = run_dir
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+    for r in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time"} <= set(r)
+    tokens = [r["tokens"] for r in train]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    # Non-pad tokens of all ranks: at most micro x seq x accum x ranks per step.
+    assert tokens[-1] <= 24 * 4 * 64 * 2 * 2
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert [r["step"] for r in evals] == [12, 24]
+    for r in evals:
+        assert r["eval_ppl"] == pytest.approx(2.718281828 ** r["eval_loss"], rel=1e-6)
+
+
+def test_only_rank0_reports_progress(run_dir):
+    out, proc = run_dir
+    log = (out / "train.log").read_text()
+    assert "[rank0]" in log and "step 24" in log
+    assert not [line for line in log.splitlines() if line.startswith("[rank1]") and " INFO " in line]
+    both = proc.stdout + proc.stderr
+    assert not [line for line in both.splitlines() if line.startswith("[rank1]") and " INFO " in line]
+    assert "sample:" in log
+
+
+def test_outputs_people_use(run_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = run_dir
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")
+    assert (out / "hf" / "generation_config.json").is_file()
+    assert all(p.numel() > 0 for p in model.parameters())
+    ids = tokenizer("doc 3: the of and", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_24" and (ckpts / "step_24" / "COMPLETE").is_file()

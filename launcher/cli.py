@@ -225,11 +225,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument(
         "--resume",
         nargs="?",
-        const="auto",
+        const="latest",
         default=None,
         metavar="PATH|auto",
-        help="Resume from a checkpoint dir, or auto (what a bare --resume means): the latest complete "
-        "checkpoint in output_dir.",
+        help="Bare: the newest complete checkpoint in output_dir (an error if there is none). "
+        "auto: resume if one exists, else start fresh. PATH: that checkpoint dir.",
     )
     run.add_argument("--master-port", type=int, default=None, help="Rendezvous port (default: a free port).")
     run.add_argument(

@@ -122,7 +122,7 @@ def test_dry_run_writes_run_files_and_prints_the_command(
         "--config",
         str((run_dir / "run.yaml").resolve()),
         "--resume",
-        "auto",
+        "latest",
     ]
 
 

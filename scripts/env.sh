@@ -13,13 +13,16 @@ fi
 . .venv/bin/activate
 STAMP=.venv/.dstrain-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  python -m pip install -q --upgrade pip
+  LOG=.venv/install.log
+  : > "$LOG"
+  quiet() { "$@" >>"$LOG" 2>&1 || { tail -n 40 "$LOG"; echo "[env] failed: $* (full log: $LOG)"; exit 1; }; }
+  quiet python -m pip install --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
     echo "[env] installing ${DSTRAIN_TORCH:-torch==2.13.0}"
-    python -m pip install -q "${DSTRAIN_TORCH:-torch==2.13.0}"
+    quiet python -m pip install "${DSTRAIN_TORCH:-torch==2.13.0}"
   fi
-  echo "[env] installing dstrain and its dependencies"
-  python -m pip install -q -e ".[dev]"
+  echo "[env] installing dstrain and its dependencies (log: $LOG)"
+  quiet python -m pip install -e ".[dev]"
   touch "$STAMP"
 fi
 export TOKENIZERS_PARALLELISM=false

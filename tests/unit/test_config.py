@@ -86,3 +86,11 @@ def test_help_rows_cover_every_field():
     rows = {flag: help_text for flag, _, help_text in JobConfig.help_rows()}
     assert "--optim.lr" in rows and "--data.buffer_size" in rows and "--zero.stage" in rows
     assert all(help_text for flag, help_text in rows.items()), "every field has help text"
+
+
+def test_readme_documents_every_recipe_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [flag for flag, _, _ in JobConfig.help_rows() if f"| `{flag[2:]}` |" not in readme]
+    assert not missing, f"README recipe reference lacks {missing}: run scripts/config_reference.py"

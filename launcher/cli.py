@@ -30,7 +30,15 @@ from launcher.launch import (
     visible_cuda_devices,
 )
 from launcher.zero import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
-from trainer.config import RECIPES_DIR, JobConfig, build_config, deep_merge, parse_overrides, save_run_yaml
+from trainer.config import (
+    RECIPES_DIR,
+    JobConfig,
+    build_config,
+    deep_merge,
+    is_number,
+    parse_overrides,
+    save_run_yaml,
+)
 from trainer.errors import ConfigError, DstrainError
 
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).
@@ -87,19 +95,11 @@ def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[l
                 raise ConfigError(f"unknown option {name}: did you mean {close[0]}?")
         overrides.append(token)
         takes_next = "=" not in token and i + 1 < len(argv)
-        if takes_next and (not argv[i + 1].startswith("--") or _is_number(argv[i + 1])):
+        if takes_next and (not argv[i + 1].startswith("--") or is_number(argv[i + 1])):
             overrides.append(argv[i + 1])
             i += 1
         i += 1
     return own, overrides
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def format_config_help() -> str:

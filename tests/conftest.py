@@ -12,6 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
+# The architecture every tiny test model uses (hidden 64, 2 layers).
+TINY_OVERRIDES = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 WORDS = "the of and to in is was for on that with as by at from his her an which are this be".split()
 
 

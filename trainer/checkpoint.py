@@ -23,6 +23,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,49 @@ def resolve_resume(arg: str | None, output_dir: str | Path) -> Path | None:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def saved_world_size(path: Path) -> int:
+    return int(json.loads((path / "trainer_state.json").read_text())["world_size"])
+
+
+def to_universal(ckpt: Path, out: Path) -> Path:
+    """Convert with DeepSpeed's ds_to_universal (possible because every save carries the
+    universal_checkpoint_info client state)."""
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ckpt),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"ds_to_universal failed on {ckpt}: {last}")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
+
+
+def prepare_universal(path: Path, dist: DistInfo) -> Path:
+    """``<ckpt>/universal``, converted once by rank 0 while the others wait (collective)."""
+    target = path / "universal"
+    if dist.is_main and not (target / "zero").is_dir():
+        log.warning("converting %s to a universal checkpoint for %d rank(s)", path, dist.world_size)
+        to_universal(path, target)
+    _barrier(dist)
+    return target
 
 
 # ---------------------------------------------------------------- config changes on resume
@@ -323,20 +368,36 @@ class Checkpointer:
         meta = json.loads((path / "trainer_state.json").read_text())
         if meta.get("version") != STATE_VERSION:
             raise CheckpointError(f"{path}: state version {meta.get('version')} is not {STATE_VERSION}")
-        if meta["world_size"] != self.dist.world_size:
-            raise CheckpointError(
-                f"{path} was saved by {meta['world_size']} ranks and this run has {self.dist.world_size}; "
-                f"convert it first: dstrain ckpt to-universal {path}"
-            )
         engine = trainer.module.engine
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        saved_world = meta["world_size"]
+        resharded = saved_world != self.dist.world_size
+        if resharded and not engine.load_universal_checkpoint():
+            raise CheckpointError(
+                f"{path} was saved by {saved_world} ranks and this run has {self.dist.world_size}: "
+                "the engine must be built for a universal load (trainer/main.py does this)"
+            )
+        load_dir, tag = (path, "universal") if resharded else (path.parent, path.name)
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
-        rank_state = torch.load(path / f"dstrain_rank{self.dist.rank}.pt", weights_only=False)
+        own = path / f"dstrain_rank{self.dist.rank}.pt"
+        rank_state = torch.load(own if own.is_file() else path / "dstrain_rank0.pt", weights_only=False)
         state = {k: v for k, v in meta.items() if k not in ("version", "world_size")}
         trainer.state.load_state_dict(state)
         if reset_data:
             trainer.train_data.start_epoch(trainer.state.epoch)
+        elif resharded:
+            old = [
+                torch.load(path / f"dstrain_rank{r}.pt", weights_only=False)["data"]
+                for r in range(saved_world)
+            ]
+            trainer.train_data.load_resharded(old)
+            log.warning(
+                "world size %d -> %d: data position re-derived from all %d saved ranks",
+                saved_world,
+                self.dist.world_size,
+                saved_world,
+            )
         else:
             trainer.train_data.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])

@@ -227,7 +227,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"unexpected argument {token!r}: overrides look like --section.key value")
         key, sep, raw = token[2:].partition("=")
         if not sep:
-            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not is_number(args[i + 1])):
                 raise ConfigError(f"--{key} needs a value")
             raw = args[i + 1]
             i += 1
@@ -240,7 +240,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """A value such as ``-2`` or ``1e-3`` that looks like a flag but is not one."""
     try:
         float(text)
     except ValueError:

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import COMPLETE, dir_size, is_complete, list_checkpoints, newest_complete, save_hf
+from trainer.checkpoint import (
+    COMPLETE,
+    dir_size,
+    is_complete,
+    list_checkpoints,
+    newest_complete,
+    save_hf,
+    to_universal,
+)
 from trainer.errors import CheckpointError, DstrainError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,32 +75,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "bf16") ->
     return save_hf(model, model.state_dict(), tokenizer, out)
 
 
-def to_universal(ckpt: str | Path, out: str | Path | None = None) -> Path:
-    """Convert with DeepSpeed's ds_to_universal (needs the universal info we save)."""
-    ckpt = Path(ckpt)
-    if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
-    out = Path(out) if out else ckpt.with_name(ckpt.name + "_universal")
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder",
-        str(ckpt),
-        "--output_folder",
-        str(out),
-        "--num_extract_workers",
-        "1",
-        "--num_merge_workers",
-        "1",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CheckpointError(f"ds_to_universal failed on {ckpt}: {last}")
-    return out
-
-
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dstrain export", description="Export a checkpoint to an HF directory."
@@ -139,7 +120,8 @@ def ckpt_main(argv: list[str] | None = None) -> int:
                 )
             )
         else:
-            print(to_universal(args.checkpoint, args.out))
+            ckpt = Path(args.checkpoint)
+            print(to_universal(ckpt, Path(args.out) if args.out else ckpt / "universal"))
     except DstrainError as exc:
         print(f"dstrain: error: {exc}", file=sys.stderr)
         return 2

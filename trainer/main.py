@@ -53,7 +53,15 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
     config errors stay fast."""
 
     from launcher.zero import resolve_precision, write_ds_config
-    from trainer.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, Preemption, export_hf, resolve_resume
+    from trainer.checkpoint import (
+        PREEMPTED_EXIT_CODE,
+        Checkpointer,
+        Preemption,
+        export_hf,
+        prepare_universal,
+        resolve_resume,
+        saved_world_size,
+    )
     from trainer.data import build_eval_batches, build_train_data
     from trainer.engine import build_engine
     from trainer.loop import Trainer, total_steps_for
@@ -71,7 +79,11 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
     total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
     seed_everything(job.seed)
     model = build_model(job, tokenizer, precision, on_gpu)
-    engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps)
+    resume_path = resolve_resume(resume, job.output_dir)
+    universal = resume_path is not None and saved_world_size(resume_path) != dist.world_size
+    if universal:
+        prepare_universal(resume_path, dist)
+    engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps, load_universal=universal)
     if dist.is_main:
         save_run_yaml(job, out)
         write_ds_config(ds_config, out / "ds_config.json")
@@ -89,7 +101,6 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
         checkpointer=checkpointer,
         preemption=preemption,
     )
-    resume_path = resolve_resume(resume, job.output_dir)
     if resume_path is not None:
         checkpointer.load(trainer, resume_path)
     preemption.install()

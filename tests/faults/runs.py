@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import make_docs, write_parquet
+from tests.conftest import TINY_OVERRIDES, make_docs, write_parquet
 from tests.distributed.harness import REPO, cpu_env, deepspeed_cmd
 
 MAIN = REPO / "trainer" / "main.py"
@@ -35,13 +35,7 @@ def make_recipe(root: Path, tokenizer_dir: Path, name: str, **sections: dict) ->
         "seed": 7,
         "tokenizer": str(tokenizer_dir),
         "model": {
-            "overrides": {
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "intermediate_size": 128,
-            },
+            "overrides": dict(TINY_OVERRIDES),
             "gradient_checkpointing": False,
         },
         "data": {

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.distributed.harness import REPO, cpu_env
+from tests.conftest import TINY_OVERRIDES
+from tests.distributed.harness import cpu_env
 
 pytestmark = pytest.mark.distributed
 
@@ -23,13 +24,7 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
         "output_dir": str(root / "run"),
         "tokenizer": str(tiny_tokenizer_dir),
         "model": {
-            "overrides": {
-                "hidden_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "intermediate_size": 128,
-            },
+            "overrides": dict(TINY_OVERRIDES),
             "gradient_checkpointing": True,
         },
         "data": {

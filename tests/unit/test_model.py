@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launcher.zero import resolve_precision
-from tests.conftest import shared_path
+from tests.conftest import TINY_OVERRIDES, shared_path
 from trainer.config import build_config
 from trainer.errors import ConfigError
 from trainer.model import (
@@ -16,14 +16,6 @@ from trainer.model import (
     select_attention,
 )
 from trainer.tokenizer import load_tokenizer
-
-TINY = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-}
 
 
 def test_qwen_preset_matches_the_real_config():
@@ -36,7 +28,7 @@ def test_qwen_preset_matches_the_real_config():
 
 def test_pretrain_model_takes_overrides_and_rounds_vocab(tiny_tokenizer_dir):
     tok = load_tokenizer(str(tiny_tokenizer_dir))
-    job = build_config(base={"tokenizer": str(tiny_tokenizer_dir), "model": {"overrides": TINY}})
+    job = build_config(base={"tokenizer": str(tiny_tokenizer_dir), "model": {"overrides": TINY_OVERRIDES}})
     model = build_model(job, tok, "fp32", on_gpu=False)
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)

@@ -65,11 +65,19 @@ def apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> Pret
         data.pop("layer_types", None)
         if "max_window_layers" in data:
             data["max_window_layers"] = min(data["max_window_layers"], data["num_hidden_layers"])
-    heads, hidden, kv = data.get("num_attention_heads"), data.get("hidden_size"), data.get("num_key_value_heads")
+    heads, hidden, kv = (
+        data.get("num_attention_heads"),
+        data.get("hidden_size"),
+        data.get("num_key_value_heads"),
+    )
     if heads and hidden and hidden % heads:
-        raise ConfigError(f"--model.overrides: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        raise ConfigError(
+            f"--model.overrides: hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+        )
     if heads and kv and heads % kv:
-        raise ConfigError(f"--model.overrides: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+        raise ConfigError(
+            f"--model.overrides: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}"
+        )
     return type(config).from_dict(data)
 
 

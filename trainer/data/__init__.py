@@ -7,19 +7,66 @@ returns a :class:`TrainData`:
 
 - iterating it yields the remaining micro-batches of the current epoch, then advances
   ``epoch`` so the next iteration is the next epoch (order from a seeded permutation per epoch);
-- every rank yields the same number of micro-batches per epoch (no collective hang);
+  breaking out of the loop and iterating again continues where it stopped;
+- every rank yields the same number of micro-batches per epoch (no collective hang): the ranks
+  agree once per micro-batch, with an all_reduce on a CPU gloo group, whether any still has
+  data, so torch.distributed must be initialized before iterating when world_size > 1. A rank
+  that runs out first yields *filler* batches (labels all -100, doc_ids -1) until all are done;
+  nothing is dropped (``TrainData.dropped_docs`` is 0). A micro-batch can therefore have zero
+  target tokens: normalise the loss by the all-reduced target count, not per batch;
 - ``state_dict()`` / ``load_state_dict()`` restore the exact position, at cost independent of
-  how far into the epoch the run is;
+  how far into the epoch the run is (:class:`TrainDataState`: version, rank, a fingerprint of
+  files/world size/workers/batch shape/tokenizer, epoch, the StatefulDataLoader state whose
+  per-worker part is a few integers plus the packer carry, and ``shards``: the per-worker
+  positions, incl. the consumed row range, the seam for a future resume on another world size).
+  A mismatch raises DataError naming what changed; ``load_state_dict(state, strict=False)``
+  or ``start_epoch(epoch)`` reset the position to the start of an epoch instead;
 - ``approx_batches_per_epoch()`` estimates micro-batches per rank per epoch (for LR schedules).
 
 A micro-batch (:class:`Batch`) is a dict of CPU tensors, all ``[micro_batch_size, T]``:
 
 - ``input_ids`` (long)
-- ``labels`` (long, -100 where no loss is taken: padding; not shifted, the model shifts)
-- ``position_ids`` (long, restart at 0 at every packed document)
-- ``attention_mask`` (long, 1 = real token) only when not packing (padded batches)
-- ``doc_ids`` (long, the traceable id of the document each token came from, -1 on padding)
+- ``labels`` (long, -100 where no loss is taken: padding, filler rows, and when packing the
+  first token of every document piece after the first in a row; not shifted, the model shifts)
+- ``position_ids`` (long, restart at 0 at every packed document piece)
+- ``attention_mask`` (long, 1 = real token) only when not packing (padded batches); filler
+  rows have a 1 in column 0 only, so no attention row is fully masked
+- ``doc_ids`` (long, the traceable id of the document each token came from, -1 on padding):
+  the ``doc_id`` integer column/field when the file has one, else the global row index (row
+  position in the concatenation of all files, in the resolved file order)
+
+Packed batches carry no attention_mask: transformers detects packing from position_ids when
+attention_mask is None, but only without a KV cache, so call the model with ``use_cache=False``.
 
 ``build_eval_batches(cfg, tokenizer, dist, micro_batch_size)`` returns a re-iterable of the
-same Batch dicts over this rank's disjoint part of the fixed validation set (or None).
+same Batch dicts over this rank's disjoint part of the fixed validation set (or None). Ranks
+may get different numbers of eval batches; iterating does no collective.
+
+Sources: parquet files, globs, directories; ``.jsonl`` and ``.json`` (array of records, e.g.
+``{"completion": ...}``) read by streaming (see :mod:`trainer.data.sources`); pre-tokenized
+parquet (an ``input_ids`` list column, written by :func:`write_tokenized_shard`) skips
+tokenization. ``datasets`` (save_to_disk / hub) sources are not supported: convert them to
+parquet (``Dataset.to_parquet``).
 """
+
+from trainer.data.packing import Batch
+from trainer.data.pipeline import (
+    EvalBatches,
+    TrainData,
+    TrainDataState,
+    build_eval_batches,
+    build_train_data,
+)
+from trainer.data.sources import write_tokenized_shard
+from trainer.data.tokenize import encode_texts
+
+__all__ = [
+    "Batch",
+    "EvalBatches",
+    "TrainData",
+    "TrainDataState",
+    "build_eval_batches",
+    "build_train_data",
+    "encode_texts",
+    "write_tokenized_shard",
+]

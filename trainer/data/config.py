@@ -27,9 +27,17 @@ class DataConfig(ConfigBase):
     pack: bool = opt(
         True, "Pack documents (joined by EOS) into max_seq_len sequences; false pads per batch instead."
     )
-    buffer_size: int = opt(10000, "Documents held by the shuffle buffer (bounds memory).")
+    buffer_size: int = opt(
+        10000,
+        "Shuffle block, in documents (pieces of at most max_seq_len tokens): memory is bounded by "
+        "buffer_size * max_seq_len tokens per worker; a resume re-reads one block.",
+    )
     num_workers: int = opt(1, "Dataloader worker processes per rank (0 = load in the training process).")
-    max_samples: int | None = opt(None, "Cap on the documents used per epoch (null = all).")
+    max_samples: int | None = opt(
+        None,
+        "Use only the first N rows (documents) of data.train in file order, before the "
+        "validation_fraction split (null = all).",
+    )
     eval_max_batches: int | None = opt(None, "Cap on eval micro-batches per rank (null = the whole set).")
 
     def __post_init__(self) -> None:
@@ -38,9 +46,7 @@ class DataConfig(ConfigBase):
         if isinstance(self.validation, str):
             self.validation = [self.validation]
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(
-                f"--data.validation_fraction must be in [0, 1), got {self.validation_fraction}"
-            )
+            raise ConfigError(f"--data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_seq_len < 2:
             raise ConfigError(f"--data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.buffer_size < 1:

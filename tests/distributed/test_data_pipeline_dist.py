@@ -1,0 +1,326 @@
+"""The data pipeline on 2 real ranks (gloo on 127.0.0.1): coverage, equal batch counts, exact resume.
+
+The ranks agree once per micro-batch (an all_reduce) on whether any rank still has data, so
+two ranks must run as real processes. Process start-up is the expensive part, so there are
+two launches of 2 processes each, and each runs many checks:
+
+1. ``run``: the coverage grid ({0,1,2} workers x {1,3,7} files, 2 epochs each), an imbalanced
+   corpus that forces filler batches, and the uninterrupted reference of the resume corpus
+   (2 ranks x 2 workers), saving the data state at batches k = 1, 6, mid-epoch, 600 and the
+   epoch's last batch;
+2. ``resume``: NEW processes build fresh pipelines, load each state, and record the next 50
+   batches and the restore time (best of 5: build + load_state_dict + first batch).
+
+This module is also the rank script: ``python -m tests.distributed.test_data_pipeline_dist``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.distributed.harness import REPO, cpu_env, free_port
+from tests.unit.data_fixtures import load_tokenizer, make_docs, train_tokenizer_file, write_corpus
+
+pytestmark = pytest.mark.distributed
+
+WORLD = 2
+MICRO_BATCH = 2
+SEQ = 32
+RESUME_KS = (1, 6, 300, 600)  # plus the last batch of epoch 0
+NEXT = 50
+GRID = [(w, f) for w in (0, 1, 2) for f in (1, 3, 7)]
+
+
+# ------------------------------------------------------------------------------- rank script
+
+
+def _cfg(paths, num_workers: int, buffer_size: int = 16):
+    from trainer.data.config import DataConfig
+
+    return DataConfig(
+        train=[str(p) for p in paths],
+        max_seq_len=SEQ,
+        buffer_size=buffer_size,
+        num_workers=num_workers,
+        validation_fraction=0.0,
+    )
+
+
+def _ids(batch) -> list[list[int]]:
+    return batch["doc_ids"].tolist()
+
+
+def _rank_run(work: Path, rank: int, tok) -> dict:
+    from trainer.data import build_train_data
+    from trainer.dist import DistInfo
+
+    dist = DistInfo(rank=rank, world_size=WORLD)
+    out: dict = {"grid": {}, "seconds": {}}
+    t0 = time.perf_counter()
+    for workers, files in GRID + [(0, "imbalanced")]:
+        paths = sorted((work / f"grid-{files}").glob("*.parquet"))
+        data = build_train_data(_cfg(paths, workers), tok, dist, seed=7, micro_batch_size=MICRO_BATCH)
+        epochs = []
+        for _ in range(2):
+            batches = [_ids(b) for b in data]
+            epochs.append(
+                {
+                    "batches": batches,
+                    "filler": data.last_epoch["filler_batches"],
+                    "dropped": data.dropped_docs,
+                    "skipped": data.skipped_docs,
+                }
+            )
+        out["grid"][f"{workers}-{files}"] = epochs
+
+    # A bad record that only rank 1 reads: both ranks must stop with a DataError, not hang.
+    from trainer.errors import DataError
+
+    try:
+        for _ in build_train_data(_cfg([work / "bad" / "tail.jsonl"], 0), tok, dist, 7, MICRO_BATCH):
+            pass
+        out["bad"] = None
+    except DataError as exc:
+        out["bad"] = str(exc)
+    out["seconds"]["grid"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    paths = sorted((work / "resume").glob("*.parquet"))
+    data = build_train_data(_cfg(paths, 2, buffer_size=64), tok, dist, seed=11, micro_batch_size=MICRO_BATCH)
+    ref: list[list[list[int]]] = []
+    states: dict[int, bytes] = {}
+    epoch_len = None
+    while epoch_len is None or len(ref) < epoch_len + NEXT:
+        for batch in data:
+            ref.append(_ids(batch))
+            k = len(ref)
+            if k in RESUME_KS or (epoch_len is None and k > 1):
+                states[k] = pickle.dumps(data.state_dict())
+            if epoch_len is not None and len(ref) >= epoch_len + NEXT:
+                break
+        if epoch_len is None:
+            epoch_len = len(ref)
+            # keep only the states we test (the loop above kept the latest for "last batch")
+            states = {k: v for k, v in states.items() if k in RESUME_KS or k == epoch_len}
+    for k, blob in states.items():
+        (work / f"state-r{rank}-k{k}.pkl").write_bytes(blob)
+    mid_shards = pickle.loads(states[300])["shards"]
+    out["resume"] = {"ref": ref, "epoch_len": epoch_len, "ks": sorted(states), "mid_shards": mid_shards}
+    out["seconds"]["reference"] = time.perf_counter() - t0
+    return out
+
+
+def _rank_resume(work: Path, rank: int, tok) -> dict:
+    from trainer.data import build_train_data
+    from trainer.dist import DistInfo
+
+    dist = DistInfo(rank=rank, world_size=WORLD)
+    paths = sorted((work / "resume").glob("*.parquet"))
+    ks = json.loads((work / "ks.json").read_text())
+    states = {k: pickle.loads((work / f"state-r{rank}-k{k}.pkl").read_bytes()) for k in ks}
+
+    def restore(k: int):
+        data = build_train_data(
+            _cfg(paths, 2, buffer_size=64), tok, dist, seed=11, micro_batch_size=MICRO_BATCH
+        )
+        data.load_state_dict(states[k])
+        return data
+
+    out: dict = {"next": {}, "restore_s": {"6": [], "600": []}}
+    for k in ks:
+        data = restore(k)
+        batches: list = []
+        while len(batches) < NEXT:  # an epoch may end on the way: iterate again for the next one
+            batches.extend(_ids(b) for b in itertools.islice(iter(data), NEXT - len(batches)))
+        out["next"][str(k)] = batches
+        del data
+    # Restore time: build + load_state_dict + first batch (2 workers start). Interleaved, best of 5.
+    for _ in range(5):
+        for k in (6, 600):
+            t0 = time.perf_counter()
+            data = restore(k)
+            it = iter(data)
+            next(it)
+            out["restore_s"][str(k)].append(time.perf_counter() - t0)
+            del it, data
+    out["restore_s"] = {k: min(v) for k, v in out["restore_s"].items()}
+    return out
+
+
+def rank_main(argv: list[str]) -> None:
+    import torch.distributed as tdist
+
+    phase, work_s, rank_s, port = argv
+    work, rank = Path(work_s), int(rank_s)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        tok = load_tokenizer(work / "tok" / "tokenizer.json")
+        result = _rank_run(work, rank, tok) if phase == "run" else _rank_resume(work, rank, tok)
+        (work / f"{phase}-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        tdist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- pytest
+
+
+def _launch(phase: str, work: Path, timeout: float = 300) -> list[dict]:
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.distributed.test_data_pipeline_dist",
+                phase,
+                str(work),
+                str(r),
+                port,
+            ],
+            cwd=REPO,
+            env=cpu_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, f"{phase} rank exited {p.returncode}:\n{log[-4000:]}"
+    return [json.loads((work / f"{phase}-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _write_imbalanced(out: Path) -> None:
+    """Two row groups, one of long docs and one of short docs: the ranks' token counts differ a lot."""
+    out.mkdir(parents=True)
+    docs = make_docs(20, seed=1, min_words=60, max_words=80) + make_docs(20, seed=2, min_words=2, max_words=4)
+    table = pa.table({"doc_id": list(range(500, 540)), "text": docs})
+    pq.write_table(table, out / "skewed.parquet", row_group_size=20)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    work = tmp_path_factory.mktemp("data_dist")
+    train_tokenizer_file(work / "tok")
+    for _, files in GRID:
+        if not (work / f"grid-{files}").exists():
+            write_corpus(work / f"grid-{files}", files, 90 // files + 3, row_group_size=6, seed=files)
+    _write_imbalanced(work / "grid-imbalanced")
+    write_corpus(work / "resume", 4, 1200, row_group_size=50, seed=5)
+    (work / "bad").mkdir()
+    lines = [json.dumps({"text": t}) for t in make_docs(40, seed=3)] + ['{"text": oops']
+    (work / "bad" / "tail.jsonl").write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    run = _launch("run", work)
+    t1 = time.perf_counter()
+    (work / "ks.json").write_text(json.dumps(run[0]["resume"]["ks"]))
+    resume = _launch("resume", work)
+    print(f"launch run {t1 - t0:.1f}s {run[0]['seconds']}, resume {time.perf_counter() - t1:.1f}s")
+    return work, run, resume
+
+
+def _all_ids(work: Path, name: str) -> set[int]:
+    ids: set[int] = set()
+    for p in (work / name).glob("*.parquet"):
+        ids |= set(pq.read_table(p, columns=["doc_id"]).column("doc_id").to_pylist())
+    return ids
+
+
+def _eos_docs(batches) -> list[int]:
+    """Every document ends with one EOS when packing: the doc ids of the EOS positions."""
+    return [d for b in batches for row in b for d in row if d >= 0]
+
+
+def _token_counts(batches) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for b in batches:
+        for row in b:
+            for d in row:
+                if d >= 0:
+                    counts[d] = counts.get(d, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("workers,files", GRID + [(0, "imbalanced")])
+def test_two_rank_coverage(results, workers, files):
+    work, run, _ = results
+    name = f"grid-{files}"
+    all_ids = _all_ids(work, name)
+    epochs = [[r["grid"][f"{workers}-{files}"][e] for r in run] for e in range(2)]
+    orders = []
+    for per_rank in epochs:
+        lengths = [len(r["batches"]) for r in per_rank]
+        assert lengths[0] == lengths[1], f"ranks yielded {lengths} batches"
+        counts = [_token_counts(r["batches"]) for r in per_rank]
+        assert not (counts[0].keys() & counts[1].keys()), "a document reached both ranks"
+        seen = counts[0].keys() | counts[1].keys()
+        unseen = all_ids - seen
+        dropped = sum(r["dropped"] for r in per_rank)
+        skipped = sum(r["skipped"] for r in per_rank)
+        assert len(unseen) == dropped + skipped == 0
+        assert dropped < 2 * MICRO_BATCH * WORLD
+        orders.append(
+            [d for r in per_rank for b in r["batches"] for row in b for d in dict.fromkeys(row) if d >= 0]
+        )
+    # Same docs, each with the same number of tokens (so none is repeated), in a different order.
+    assert _token_counts(epochs[0][0]["batches"] + epochs[0][1]["batches"]) == _token_counts(
+        epochs[1][0]["batches"] + epochs[1][1]["batches"]
+    )
+    assert orders[0] != orders[1]
+    if files == "imbalanced":
+        assert sum(r["filler"] for r in epochs[0]) > 0, "the imbalanced corpus should need filler batches"
+
+
+def test_a_data_error_on_one_rank_stops_all_ranks(results):
+    _, run, _ = results
+    assert "tail.jsonl record 40" in run[1]["bad"] and "\n" not in run[1]["bad"]
+    assert "another rank failed" in run[0]["bad"]
+
+
+def test_exact_resume_in_new_processes(results):
+    _, run, resume = results
+    epoch_len = run[0]["resume"]["epoch_len"]
+    assert run[1]["resume"]["epoch_len"] == epoch_len
+    assert epoch_len > 600 + 1
+    ks = run[0]["resume"]["ks"]
+    assert set(ks) == set(RESUME_KS) | {epoch_len}
+    for rank in range(WORLD):
+        # At k=300 every worker is inside a full shuffle block that began mid row group.
+        mid = run[rank]["resume"]["mid_shards"]
+        assert len(mid) == 2 and all(s["block_no"] > 0 for s in mid)
+        assert any(0 < s["block_index"] < 64 and s["block_start"][1] % 50 != 0 for s in mid), mid
+        ref = run[rank]["resume"]["ref"]
+        for k in ks:
+            got = resume[rank]["next"][str(k)]
+            assert got == ref[k : k + NEXT], f"rank {rank}: resume at batch {k} diverged"
+
+
+def test_restore_cost_does_not_grow_with_position(results):
+    _, _, resume = results
+    for rank in range(WORLD):
+        t6, t600 = resume[rank]["restore_s"]["6"], resume[rank]["restore_s"]["600"]
+        print(f"rank {rank}: restore at k=6 {t6 * 1000:.0f} ms, at k=600 {t600 * 1000:.0f} ms")
+        assert t600 <= 1.5 * t6 + 0.1, (t6, t600)  # +0.1 s: worker start-up noise on a shared CPU
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank_main(sys.argv[1:])

@@ -1,0 +1,524 @@
+"""The trainer-facing objects: :class:`TrainData` (an epoch-aware, resumable batch iterable) and
+:class:`EvalBatches`, and the two builders of ``trainer.data``.
+
+Keeping ranks in step: shards hold equal numbers of *rows* (+-1), but not of tokens, so one
+rank's shard can run out a batch or more before another's. The main process of each rank
+therefore agrees, once per micro-batch, whether *any* rank still has a batch (an ``all_reduce``
+MAX of one integer on a CPU gloo group, so it never synchronises a GPU stream). A rank that
+has run out yields *filler batches* (no target tokens: labels all -100, ``doc_ids`` -1) until
+all ranks are done, so every rank yields the same number of micro-batches per epoch and the
+epoch ends together with no hang. Nothing is dropped: ``dropped_docs`` is 0 by construction
+(every row is read exactly once; a shard's last partial batch is completed with filler rows).
+The price is the filler compute at each epoch's end, about the token imbalance between
+shards. A consequence for the loss: a micro-batch may carry zero target tokens; sum token
+losses and divide by the all-reduced target count, never take a per-batch mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from trainer.data.config import DataConfig
+from trainer.data.packing import Batch, filler_batch
+from trainer.data.sharding import build_units
+from trainer.data.sources import SourceFile, describe_file, read_group, resolve_paths
+from trainer.data.stream import ShardState, ShardStream, StreamSpec
+from trainer.data.tokenize import encode_texts, eos_id, pad_id, tokenizer_fingerprint
+from trainer.dist import DistInfo
+from trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+#: Eval batches are kept in memory after the first pass when they hold at most this many tokens.
+EVAL_CACHE_TOKENS = 4_000_000
+
+
+class DataFingerprint(TypedDict):
+    """What must match for a saved position to mean the same batches."""
+
+    world_size: int
+    num_workers: int
+    micro_batch_size: int
+    max_seq_len: int
+    pack: bool
+    buffer_size: int
+    seed: int
+    text_column: str
+    max_samples: int | None
+    holdout: list[float]  # [validation_fraction, validation_seed] applied to the train rows
+    tokenizer: str
+    files: list[dict[str, Any]]
+
+
+class TrainDataState(TypedDict):
+    """``TrainData.state_dict()``: plain Python types and nested dicts, safe for torch.save / JSON."""
+
+    version: int
+    rank: int
+    fingerprint: DataFingerprint
+    epoch: int
+    batches_in_epoch: int  # micro-batches yielded this epoch (filler included)
+    filler_batches: int  # of which filler
+    local_done: bool  # this rank's shards are exhausted (it yields filler until all are)
+    loader: dict[str, Any] | None  # StatefulDataLoader state; None = start of the epoch
+    shards: list[ShardState]  # per-worker positions (read from ``loader``): the re-shard seam
+
+
+def _find_shard_states(obj: Any) -> list[ShardState]:
+    """The ShardState dicts inside a StatefulDataLoader state (its layout is torchdata's business)."""
+    found: list[ShardState] = []
+    if isinstance(obj, dict):
+        if "block_no" in obj and "shard" in obj and "carry_tokens" in obj:
+            return [obj]  # type: ignore[list-item]
+        for value in obj.values():
+            found.extend(_find_shard_states(value))
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            found.extend(_find_shard_states(value))
+    return found
+
+
+class EpochStats(TypedDict):
+    """What one finished epoch yielded on this rank."""
+
+    epoch: int
+    batches: int  # micro-batches yielded (filler included); equal on all ranks
+    filler_batches: int  # batches without target tokens, yielded while other ranks still had data
+    skipped_docs: int  # null/empty/non-string values skipped by this rank's shards
+    dropped_docs: int  # documents read but not yielded: 0 by construction
+
+
+class TrainData:
+    """The training batches of this rank: iterate for the rest of the current epoch.
+
+    Attributes: ``epoch`` (current epoch, from 0), ``batches_in_epoch`` and ``filler_batches``
+    (so far in the current epoch), ``last_epoch`` (:class:`EpochStats` of the last finished
+    epoch, or None), ``skipped_docs`` and ``dropped_docs`` (of the last finished epoch, this
+    rank; dropped is always 0, see the module docstring), ``files``.
+
+    Resume: ``state_dict()`` / ``load_state_dict(state)`` restore the exact position (same
+    files, world size, workers, batch shape, tokenizer, else :class:`DataError` naming what
+    changed). ``load_state_dict(state, strict=False)`` or ``start_epoch(epoch)`` instead start
+    an epoch from its beginning: the way to continue after the data or max_seq_len changed.
+    """
+
+    def __init__(
+        self, spec: StreamSpec, cfg: DataConfig, dist: DistInfo, fingerprint: DataFingerprint
+    ) -> None:
+        self.spec = spec
+        self.cfg = cfg
+        self.dist = dist
+        self.fingerprint = fingerprint
+        self.files = spec.files
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.filler_batches = 0
+        self.skipped_docs = 0
+        self.dropped_docs = 0
+        self.last_epoch: EpochStats | None = None
+        self._stream = ShardStream(spec)
+        self._loader: StatefulDataLoader | None = None
+        self._iter: Iterator[Batch] | None = None
+        self._pending_loader_state: dict[str, Any] | None = None
+        self._local_done = False
+        self._done_shards: list[ShardState] = []  # final shard states once local_done
+        self._group: Any = None
+        self._approx: int | None = None
+
+    # -- iteration ------------------------------------------------------------------------------
+    def _make_loader(self) -> StatefulDataLoader:
+        self._stream.set_epoch(self.epoch)
+        workers = self.cfg.num_workers
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 on torch 2.13
+            return StatefulDataLoader(
+                self._stream,
+                batch_size=None,  # the stream yields whole micro-batches
+                num_workers=workers,
+                prefetch_factor=2 if workers else None,
+                persistent_workers=False,
+                snapshot_every_n_steps=1,  # worker states are a few integers: snapshot every batch
+            )
+
+    def _agree(self, status: int) -> int:
+        """The max over ranks of this rank's status: 0 out of data, 1 has a batch, 2 failed."""
+        if self.dist.world_size == 1:
+            return status
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            raise RuntimeError(
+                "TrainData with world_size > 1 needs torch.distributed initialized before iterating"
+            )
+        if self._group is None:
+            # A CPU group keeps this tiny collective off the GPU stream (no device sync per batch).
+            backend = tdist.get_backend()
+            self._group = tdist.group.WORLD if backend == "gloo" else tdist.new_group(backend="gloo")
+        flag = torch.tensor([status], dtype=torch.int32)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+    def _next_local(self) -> Batch | None:
+        assert self._iter is not None and self._loader is not None
+        batch = next(self._iter, None)
+        if batch is None:
+            self._local_done = True
+            self._done_shards = _find_shard_states(self._loader.state_dict())
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._iter is None and not self._local_done:
+            self._loader = self._make_loader()
+            if self._pending_loader_state is not None:
+                self._loader.load_state_dict(self._pending_loader_state)
+                self._pending_loader_state = None
+            self._iter = iter(self._loader)
+        while True:
+            batch, error = None, None
+            if not self._local_done:
+                try:
+                    batch = self._next_local()
+                except Exception as exc:  # re-raised below, after telling the other ranks
+                    error = exc
+            status = self._agree(2 if error is not None else int(batch is not None))
+            if error is not None:
+                raise _clean_worker_error(error) from None
+            if status == 2:
+                raise DataError(
+                    f"rank {self.dist.rank}: another rank failed while reading data; its log names the cause"
+                )
+            if status == 0:
+                break
+            if batch is None:
+                batch = filler_batch(
+                    self.spec.micro_batch_size, self.spec.pad_id, self.spec.pack, self.spec.max_seq_len
+                )
+                self.filler_batches += 1
+            self.batches_in_epoch += 1
+            yield batch
+        self._finish_epoch()
+
+    def _finish_epoch(self) -> None:
+        shards = self._done_shards
+        self.skipped_docs = sum(s["skipped_read"] for s in shards)
+        self.last_epoch = EpochStats(
+            epoch=self.epoch,
+            batches=self.batches_in_epoch,
+            filler_batches=self.filler_batches,
+            skipped_docs=self.skipped_docs,
+            dropped_docs=self.dropped_docs,
+        )
+        if self.dist.is_main:
+            log.info(
+                "data: epoch %d done: %d micro-batches per rank (%d filler), rank 0 skipped %d "
+                "null/empty/non-string docs, dropped 0",
+                self.epoch,
+                self.batches_in_epoch,
+                self.filler_batches,
+                self.skipped_docs,
+            )
+        self.start_epoch(self.epoch + 1)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Forget the position and start ``epoch`` from its beginning on the next iteration."""
+        self.epoch = epoch
+        self.batches_in_epoch = 0
+        self.filler_batches = 0
+        self._loader = None
+        self._iter = None
+        self._pending_loader_state = None
+        self._local_done = False
+        self._done_shards = []
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> TrainDataState:
+        """The position after the last batch yielded (cheap: integers and the packer carry)."""
+        if self._local_done:
+            loader_state = None
+        elif self._iter is not None and self._loader is not None:
+            loader_state = self._loader.state_dict()
+        else:
+            loader_state = self._pending_loader_state
+        return TrainDataState(
+            version=STATE_VERSION,
+            rank=self.dist.rank,
+            fingerprint=self.fingerprint,
+            epoch=self.epoch,
+            batches_in_epoch=self.batches_in_epoch,
+            filler_batches=self.filler_batches,
+            local_done=self._local_done,
+            loader=loader_state,
+            shards=self._done_shards if self._local_done else _find_shard_states(loader_state),
+        )
+
+    def load_state_dict(self, state: TrainDataState, strict: bool = True) -> None:
+        """Restore a position; ``strict=False`` keeps only the epoch and starts it from the beginning."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise DataError(
+                f"data state version {got!r} is not {STATE_VERSION}; resume with the dstrain version "
+                "that wrote it, or load it with strict=False to restart its epoch"
+            )
+        if not strict:
+            if state["fingerprint"] != self.fingerprint:
+                log.warning(
+                    "rank %d: data changed since the checkpoint (%s); restarting epoch %d from its beginning",
+                    self.dist.rank,
+                    describe_changes(state["fingerprint"], self.fingerprint),
+                    state["epoch"],
+                )
+            self.start_epoch(state["epoch"])
+            return
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError(
+                f"data state does not fit this run: {describe_changes(state['fingerprint'], self.fingerprint)}; "
+                "resume with the same data settings, or reset the data position "
+                "(TrainData.load_state_dict(state, strict=False) restarts the saved epoch)"
+            )
+        if state["rank"] != self.dist.rank:
+            raise DataError(
+                f"data state of rank {state['rank']} loaded on rank {self.dist.rank}; load each rank's own"
+            )
+        self.start_epoch(state["epoch"])
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.filler_batches = state["filler_batches"]
+        self._local_done = state["local_done"]
+        self._done_shards = list(state["shards"]) if state["local_done"] else []
+        self._pending_loader_state = state["loader"]
+
+    # -- estimates ----------------------------------------------------------------------------------
+    def approx_batches_per_epoch(self) -> int:
+        """Estimated micro-batches per rank per epoch (for LR schedules): train rows from the
+        metadata, tokens per document from a sample of up to 64 documents of the first group."""
+        if self._approx is None:
+            self._approx = _estimate_batches(self.spec, self.cfg)
+        return self._approx
+
+
+def _clean_worker_error(exc: Exception) -> Exception:
+    """A DataError raised in a dataloader worker comes back with the worker's traceback in its
+    message; give the user the original one-line message again."""
+    if isinstance(exc, DataError):
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        prefix = f"{DataError.__module__}.{DataError.__name__}: "
+        for line in reversed(lines):
+            if line.startswith(prefix):
+                return DataError(line[len(prefix) :])
+    return exc
+
+
+def describe_changes(old: DataFingerprint, new: DataFingerprint) -> str:
+    """One line naming what differs between two fingerprints: ``world_size 2 -> 4; files: ...``."""
+    parts = []
+    for key in old.keys() | new.keys():
+        if key == "files" or old.get(key) == new.get(key):
+            continue
+        parts.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    old_files = {f["path"]: f for f in old.get("files", [])}
+    new_files = {f["path"]: f for f in new.get("files", [])}
+    added = [p for p in new_files if p not in old_files]
+    removed = [p for p in old_files if p not in new_files]
+    changed = [p for p in new_files if p in old_files and new_files[p] != old_files[p]]
+    if added:
+        parts.append(f"files added: {', '.join(added[:3])}{' ...' if len(added) > 3 else ''}")
+    if removed:
+        parts.append(f"files removed: {', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    if changed:
+        parts.append(
+            f"files changed (size/mtime/rows): {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}"
+        )
+    if not (added or removed or changed) and [f["path"] for f in old.get("files", [])] != [
+        f["path"] for f in new.get("files", [])
+    ]:
+        parts.append("file order changed")
+    return "; ".join(sorted(parts)) or "nothing"
+
+
+def _estimate_batches(spec: StreamSpec, cfg: DataConfig) -> int:
+    if not spec.units:
+        return 0
+    unit = spec.units[0]
+    src = spec.files[unit.file]
+    lengths: list[int] = []
+    for rb in read_group(src, unit.group, unit.row_base, 0, min(unit.rows, 64), spec.text_column):
+        if src.tokenized:
+            lengths += [len(v) for v in rb.values if v]
+        else:
+            texts = [v for v in rb.values if isinstance(v, str) and v]
+            lengths += [len(x) for x in encode_texts(spec.tokenizer, texts)]
+    if not lengths:
+        return 0
+    lens = np.asarray(lengths) + (1 if spec.pack else 0)
+    rows = spec.total_rows * (1.0 - spec.holdout_fraction) / spec.world_size
+    if spec.pack:
+        sequences = rows * lens.mean() / spec.max_seq_len
+    else:
+        sequences = rows * np.ceil(lens / spec.max_seq_len).mean()
+    return max(1, int(np.ceil(sequences / spec.micro_batch_size)))
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+
+class EvalBatches:
+    """This rank's micro-batches of the fixed validation set; iterate it as often as needed.
+
+    Rows are split among ranks in contiguous, disjoint ranges (file order, no shuffle), so the
+    set is the same at every eval. Ranks may get different numbers of batches; iteration does
+    no collective, so the trainer can all-reduce its sums afterwards. The batches are cached in
+    memory after the first pass when they hold at most EVAL_CACHE_TOKENS tokens.
+    """
+
+    def __init__(self, spec: StreamSpec, max_batches: int | None) -> None:
+        self.spec = spec
+        self.max_batches = max_batches
+        self._cache: list[Batch] | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        stream = ShardStream(self.spec)
+        kept: list[Batch] | None = []
+        tokens = 0
+        for i, batch in enumerate(stream):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            if kept is not None:
+                tokens += batch["input_ids"].numel()
+                if tokens <= EVAL_CACHE_TOKENS:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._cache = kept
+
+
+# --------------------------------------------------------------------------------------- builders
+
+
+def _describe(paths: list[str], key: str, text_column: str) -> list[SourceFile]:
+    return [describe_file(p, text_column) for p in resolve_paths(paths, key)]
+
+
+def _fingerprint(spec: StreamSpec, cfg: DataConfig, tokenizer: Any) -> DataFingerprint:
+    return DataFingerprint(
+        world_size=spec.world_size,
+        num_workers=spec.num_workers,
+        micro_batch_size=spec.micro_batch_size,
+        max_seq_len=spec.max_seq_len,
+        pack=spec.pack,
+        buffer_size=spec.buffer_size,
+        seed=spec.seed,
+        text_column=spec.text_column,
+        max_samples=cfg.max_samples,
+        holdout=[spec.holdout_fraction, spec.holdout_seed],
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        files=[f.fingerprint() for f in spec.files],
+    )
+
+
+def build_train_data(
+    cfg: DataConfig, tokenizer: Any, dist: DistInfo, seed: int, micro_batch_size: int
+) -> TrainData:
+    """The training stream of this rank (see ``trainer.data`` for the contract)."""
+    t0 = time.perf_counter()
+    eos = eos_id(tokenizer, cfg.pack)
+    files = _describe(cfg.train, "data.train", cfg.text_column)
+    units = build_units(files, cfg.max_samples)
+    holdout = cfg.validation_fraction if cfg.validation is None else 0.0
+    spec = StreamSpec(
+        files=files,
+        units=units,
+        tokenizer=tokenizer,
+        text_column=cfg.text_column,
+        max_seq_len=cfg.max_seq_len,
+        micro_batch_size=micro_batch_size,
+        pack=cfg.pack,
+        buffer_size=cfg.buffer_size,
+        seed=seed,
+        eos_id=eos,
+        pad_id=pad_id(tokenizer),
+        split="train",
+        holdout_fraction=holdout,
+        holdout_seed=cfg.validation_seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.num_workers,
+    )
+    if spec.total_rows == 0:
+        raise DataError(
+            f"--data.train holds no rows ({len(files)} files); check the files or --data.max_samples"
+        )
+    data = TrainData(spec, cfg, dist, _fingerprint(spec, cfg, tokenizer))
+    if dist.is_main:
+        log.info(
+            "data: %d files, %d row groups, %d rows (%s held out for eval); %d shards; built in %.2fs",
+            len(files),
+            len(units),
+            spec.total_rows,
+            f"{holdout:.0%}" if holdout else "none",
+            dist.world_size * max(1, cfg.num_workers),
+            time.perf_counter() - t0,
+        )
+    return data
+
+
+def build_eval_batches(
+    cfg: DataConfig, tokenizer: Any, dist: DistInfo, micro_batch_size: int
+) -> EvalBatches | None:
+    """This rank's part of the fixed validation set, or None when there is none.
+
+    ``data.validation`` files are used whole; otherwise the rows that ``validation_fraction``
+    holds out of ``data.train`` (the train stream skips exactly those rows).
+    """
+    eos = eos_id(tokenizer, cfg.pack)
+    if cfg.validation:
+        files = _describe(cfg.validation, "data.validation", cfg.text_column)
+        units, holdout = build_units(files), 0.0
+    elif cfg.validation_fraction > 0:
+        files = _describe(cfg.train, "data.train", cfg.text_column)
+        units, holdout = build_units(files, cfg.max_samples), cfg.validation_fraction
+    else:
+        return None
+    spec = StreamSpec(
+        files=files,
+        units=units,
+        tokenizer=tokenizer,
+        text_column=cfg.text_column,
+        max_seq_len=cfg.max_seq_len,
+        micro_batch_size=micro_batch_size,
+        pack=cfg.pack,
+        buffer_size=cfg.buffer_size,
+        seed=0,
+        eos_id=eos,
+        pad_id=pad_id(tokenizer),
+        split="eval",
+        holdout_fraction=holdout,
+        holdout_seed=cfg.validation_seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=0,
+    )
+    return EvalBatches(spec, cfg.eval_max_batches)
+
+
+__all__ = [
+    "EpochStats",
+    "EvalBatches",
+    "TrainData",
+    "TrainDataState",
+    "build_eval_batches",
+    "build_train_data",
+    "describe_changes",
+]

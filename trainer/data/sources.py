@@ -1,0 +1,456 @@
+"""Sources: resolve paths to files, describe their row groups, and read rows back by position.
+
+A file is a list of *groups*, the unit of I/O and of sharding:
+
+- parquet: its row groups (from the footer; nothing else is read up front);
+- jsonl / json: virtual groups of :data:`JSON_ROWS_PER_GROUP` records found by one streaming
+  pass at start-up that records the byte offset of every group's first record. The pass holds one
+  record at a time (a JSON array is parsed incrementally with ``json.JSONDecoder.raw_decode``),
+  so a json file is never loaded whole; reading a group later seeks to its offset. Nothing is
+  converted or written to disk. The pass costs one read of the file per process at start-up, so
+  convert large json corpora to parquet (``dstrain data``) first.
+
+Document ids: a ``doc_id`` integer column (field) is used when the file has one; otherwise the
+id is the *global row index*: the row's position in the concatenation of all files in the
+resolved file order (files in the order given; globs and directories expanded sorted).
+
+Pre-tokenized parquet (an ``input_ids`` list column, as written by :func:`write_tokenized_shard`
+and ``dstrain data tokenize``) is read as token ids and skips tokenization.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.errors import DataError
+
+FileKind = Literal["parquet", "jsonl", "json"]
+
+#: Records per virtual group of a json/jsonl file (the unit of sharding for those files).
+JSON_ROWS_PER_GROUP = 1024
+#: Rows per record batch read from a parquet row group.
+READ_BATCH_ROWS = 512
+#: Bytes read at a time while scanning json files.
+_JSON_CHUNK_BYTES = 1 << 20
+TOKENS_COLUMN = "input_ids"
+DOC_ID_COLUMN = "doc_id"
+
+_SUFFIXES: dict[str, FileKind] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row group (parquet) or block of records (json): ``rows`` rows from ``offset``."""
+
+    rows: int
+    offset: int = 0  # byte offset of the first record (json); row-group index is the list index
+    first_row: int = 0  # row index within the file of the first row (for error messages)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A resolved data file: its kind, its groups and what identifies its contents."""
+
+    path: str
+    kind: FileKind
+    tokenized: bool  # parquet with an input_ids column: no tokenization
+    has_doc_id: bool
+    groups: tuple[Group, ...]
+    size: int
+    mtime_ns: int
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.groups)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this file in a resume state (path, size, mtime, rows)."""
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns, "rows": self.rows}
+
+
+def resolve_paths(specs: Sequence[str], key: str) -> list[Path]:
+    """Files named by paths, globs (``**`` allowed) or directories (their data files, recursively, sorted).
+
+    Order is kept as given; duplicates are read once. ``key`` (``data.train``) names the flag in errors.
+    """
+    if not specs:
+        raise DataError(f"--{key} is empty: give parquet/jsonl/json files, globs or directories")
+    out: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in _SUFFIXES and not p.name.startswith((".", "_"))
+            )
+            if not found:
+                raise DataError(f"--{key}: directory {path} holds no .parquet/.jsonl/.json files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        elif glob.has_magic(str(spec)):
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"--{key}: glob {spec!r} matched no files; check the pattern")
+            out.extend(matches)
+        else:
+            raise DataError(f"--{key}: {spec} does not exist; fix the path")
+    seen: set[str] = set()
+    unique = []
+    for p in out:
+        absolute = Path(os.path.abspath(p))  # the resume fingerprint must not depend on the cwd
+        if str(absolute) not in seen:
+            seen.add(str(absolute))
+            unique.append(absolute)
+    return unique
+
+
+def file_kind(path: Path) -> FileKind:
+    """parquet / jsonl / json from the suffix; a ``.json`` file starting with ``{`` is JSON lines."""
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .parquet, .jsonl or .json")
+    if kind == "json":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"{"):
+            return "jsonl"
+    return kind
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "re-export it or remove it from the file list"
+        ) from None
+
+
+def describe_file(path: Path, text_column: str) -> SourceFile:
+    """Read a file's metadata (parquet footer, or one streaming pass over json) into a SourceFile."""
+    kind = file_kind(path)
+    stat = path.stat()
+    if kind == "parquet":
+        pf = open_parquet(str(path))
+        names = pf.schema_arrow.names
+        tokenized = TOKENS_COLUMN in names
+        if not tokenized and text_column not in names:
+            raise DataError(
+                f"{path} has no column {text_column!r} (columns: {', '.join(names)}); "
+                "set --data.text_column to the one holding the text"
+            )
+        if not tokenized:
+            col_type = pf.schema_arrow.field(text_column).type
+            if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+                raise DataError(
+                    f"{path}: column {text_column!r} has type {col_type}, not string; "
+                    "set --data.text_column to the column holding the text"
+                )
+        has_doc_id = DOC_ID_COLUMN in names
+        if has_doc_id and not pa.types.is_integer(pf.schema_arrow.field(DOC_ID_COLUMN).type):
+            raise DataError(
+                f"{path}: column {DOC_ID_COLUMN!r} has type {pf.schema_arrow.field(DOC_ID_COLUMN).type}, "
+                "not integer; rename it or store integer ids"
+            )
+        groups, first = [], 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            groups.append(Group(rows=n, first_row=first))
+            first += n
+        return SourceFile(
+            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns
+        )
+    groups, has_doc_id = _index_json(path, kind, text_column)
+    return SourceFile(str(path), kind, False, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns)
+
+
+# ----------------------------------------------------------------------------------------- json
+
+
+def _iter_jsonl(path: str, offset: int = 0, first_line: int = 0) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, line number, raw line) of every non-blank line from ``offset``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        pos, line_no = offset, first_line
+        for line in f:
+            if line.strip():
+                yield pos, line_no, line
+                line_no += 1
+            pos += len(line)
+
+
+def _iter_json_array(path: str, offset: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(byte offset, value) of each element of a top-level JSON array, holding one chunk at a time.
+
+    ``offset`` (of an element, from an earlier pass) resumes there; None starts at the ``[``.
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        eof = False
+
+        def more() -> str:
+            nonlocal eof
+            chunk = f.read(_JSON_CHUNK_BYTES)
+            if not chunk:
+                eof = True
+            return utf8.decode(chunk, final=not chunk)
+
+        if offset is None:
+            buf = more().lstrip("\ufeff \t\r\n")
+            byte_pos = f.tell() - len(buf.encode("utf-8")) - len(utf8.getstate()[0])
+            if not buf.startswith("["):
+                raise DataError(f"{path}: a .json file must hold a JSON array of records or JSON lines")
+            i = 1
+            byte_pos += 1
+        else:
+            f.seek(offset)
+            buf, i, byte_pos = more(), 0, offset
+        while True:
+            # Skip separators; need at least one non-space char or the end of the file.
+            while True:
+                j = i
+                while j < len(buf) and buf[j] in " \t\r\n,":
+                    j += 1
+                byte_pos += j - i  # separators are ASCII: one byte per char
+                i = j
+                if i < len(buf) or eof:
+                    break
+                buf, i = more(), 0
+            if i >= len(buf) or buf[i] == "]":
+                return
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, i)
+                    if end < len(buf) or eof:
+                        break
+                except json.JSONDecodeError:
+                    if eof:
+                        raise DataError(
+                            f"{path}: invalid JSON at byte {byte_pos}; fix or re-export the file"
+                        ) from None
+                # The element may continue in the next chunk: keep the unread tail and read more.
+                buf, i = buf[i:] + more(), 0
+            yield byte_pos, value
+            byte_pos += len(buf[i:end].encode("utf-8"))
+            i = end
+
+
+def _record_keys(path: str, value: Any, where: str) -> list[str]:
+    if not isinstance(value, dict):
+        raise DataError(f"{path} {where}: expected a JSON object per record, got {type(value).__name__}")
+    return list(value)
+
+
+def _index_json(path: Path, kind: FileKind, text_column: str) -> tuple[list[Group], bool]:
+    """Groups of JSON_ROWS_PER_GROUP records with byte offsets; checks the text field exists."""
+    groups: list[Group] = []
+    first_keys: list[str] | None = None
+    has_doc_id = False
+    n = 0
+    start_offset = 0
+    if kind == "jsonl":
+        records: Iterator[tuple[int, Any]] = ((pos, line) for pos, _, line in _iter_jsonl(str(path)))
+    else:
+        records = _iter_json_array(str(path))
+    for pos, value in records:
+        if n % JSON_ROWS_PER_GROUP == 0:
+            if n:
+                groups.append(
+                    Group(rows=JSON_ROWS_PER_GROUP, offset=start_offset, first_row=n - JSON_ROWS_PER_GROUP)
+                )
+            start_offset = pos
+        if first_keys is None:
+            if kind == "jsonl":
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path} line 1: invalid JSON ({exc.msg}); fix or re-export the file"
+                    ) from None
+            first_keys = _record_keys(str(path), value, "record 0")
+            if text_column not in first_keys:
+                raise DataError(
+                    f"{path} has no field {text_column!r} in its first record (fields: "
+                    f"{', '.join(first_keys)}); set --data.text_column to the one holding the text"
+                )
+            has_doc_id = DOC_ID_COLUMN in first_keys
+        n += 1
+    if n == 0:
+        raise DataError(f"{path} holds no records; remove it from the file list")
+    rest = n - (len(groups) * JSON_ROWS_PER_GROUP)
+    groups.append(Group(rows=rest, offset=start_offset, first_row=n - rest))
+    return groups, has_doc_id
+
+
+def _json_records(src: SourceFile, group: Group) -> Iterator[tuple[int, Any]]:
+    """(row within file, record) of one json group."""
+    if src.kind == "jsonl":
+        for k, (_, line_no, line) in enumerate(_iter_jsonl(src.path, group.offset, group.first_row)):
+            if k >= group.rows:
+                return
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{src.path} record {line_no} (non-blank line): invalid JSON ({exc.msg}); fix the line"
+                ) from None
+    else:
+        for k, (_, value) in enumerate(_iter_json_array(src.path, group.offset)):
+            if k >= group.rows:
+                return
+            yield group.first_row + k, value
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RowBatch:
+    """Rows read from one group: their doc ids and either texts or token-id lists."""
+
+    doc_ids: np.ndarray  # int64
+    values: list[Any]  # str | None | other (text), or list[int] | None (tokenized)
+
+
+def read_group(
+    src: SourceFile,
+    group_index: int,
+    row_base: int,
+    start: int,
+    stop: int,
+    text_column: str,
+    pf: pq.ParquetFile | None = None,
+) -> Iterator[RowBatch]:
+    """Rows ``[start, stop)`` of one group, in record batches of at most READ_BATCH_ROWS.
+
+    ``row_base`` is the global row index of the group's first row (the doc id fallback).
+    """
+    group = src.groups[group_index]
+    if src.kind == "parquet":
+        pf = pf or open_parquet(src.path)
+        value_col = TOKENS_COLUMN if src.tokenized else text_column
+        columns = [value_col] + ([DOC_ID_COLUMN] if src.has_doc_id else [])
+        seen = 0  # rows of the group before the current record batch
+        try:
+            batches = pf.iter_batches(
+                batch_size=READ_BATCH_ROWS, row_groups=[group_index], columns=columns, use_threads=False
+            )
+            for rb in batches:
+                lo, hi = max(start - seen, 0), min(stop - seen, rb.num_rows)
+                batch_start, seen = seen, seen + rb.num_rows
+                if hi <= lo:
+                    if seen >= stop:
+                        return
+                    continue
+                rb = rb.slice(lo, hi - lo)
+                values = _token_lists(rb.column(0)) if src.tokenized else rb.column(0).to_pylist()
+                if src.has_doc_id:
+                    ids_col = rb.column(1)
+                    if ids_col.null_count:
+                        raise DataError(
+                            f"{src.path}: column {DOC_ID_COLUMN!r} has nulls in row group {group_index} "
+                            f"(file rows {group.first_row + batch_start + lo}..{group.first_row + batch_start + hi - 1}); "
+                            "fill them or drop the column"
+                        )
+                    doc_ids = _int_numpy(ids_col, np.int64)
+                else:
+                    doc_ids = np.arange(
+                        row_base + batch_start + lo, row_base + batch_start + hi, dtype=np.int64
+                    )
+                yield RowBatch(doc_ids, values)
+                if seen >= stop:
+                    return
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{src.path}: row group {group_index} cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}); the file is corrupted: re-export it or remove it"
+            ) from None
+        return
+    values, ids = [], []
+    for k, (_, record) in enumerate(_json_records(src, group)):
+        if k < start:
+            continue
+        if k >= stop:
+            break
+        value = record.get(text_column) if isinstance(record, dict) else None
+        doc_id = record.get(DOC_ID_COLUMN) if isinstance(record, dict) and src.has_doc_id else None
+        values.append(value)
+        ids.append(doc_id if isinstance(doc_id, int) else row_base + k)
+        if len(values) == READ_BATCH_ROWS:
+            yield RowBatch(np.asarray(ids, dtype=np.int64), values)
+            values, ids = [], []
+    if values:
+        yield RowBatch(np.asarray(ids, dtype=np.int64), values)
+
+
+def _int_numpy(arr: pa.Array, dtype: type) -> np.ndarray:
+    """A null-free integer arrow array as numpy, without ``to_numpy`` (which imports pandas:
+    ~1 s in every fresh dataloader worker)."""
+    target = pa.from_numpy_dtype(dtype)
+    if arr.type != target:
+        arr = arr.cast(target)  # imports pyarrow.compute (~0.3 s per fresh process): only when needed
+    return np.frombuffer(arr.buffers()[1], dtype=dtype)[arr.offset : arr.offset + len(arr)]
+
+
+def _token_lists(arr: pa.Array) -> list[np.ndarray | None]:
+    """A list<int> arrow array as numpy int32 arrays (None for null rows)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_large_list(arr.type):
+        arr = arr.cast(pa.list_(pa.int32()))
+    offsets = _int_numpy(arr.offsets, np.int32)
+    values = _int_numpy(arr.values, np.int32) if len(arr.values) else np.zeros(0, dtype=np.int32)
+    nulls = arr.is_null().to_pylist() if arr.null_count else [False] * len(arr)
+    return [None if nulls[i] else values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+
+
+def write_tokenized_shard(
+    path: str | Path,
+    input_ids_list: Sequence[Sequence[int]] | Iterator[Sequence[int]],
+    doc_ids: Sequence[int] | np.ndarray,
+    row_group_size: int = 1024,
+) -> Path:
+    """Write a pre-tokenized parquet shard that the loader reads without tokenizing.
+
+    Columns: ``input_ids`` (list<int32>: the document's tokens, *no* special tokens and no EOS;
+    the loader appends EOS when packing, exactly as for raw text) and ``doc_id`` (int64).
+    Written to ``<path>.tmp`` then renamed, so a reader never sees a half-written shard.
+    Produce ``input_ids`` with :func:`trainer.data.tokenize.encode_texts` so both paths agree.
+    """
+    path = Path(path)
+    input_ids_list = list(input_ids_list)
+    doc_ids = np.asarray(doc_ids, dtype=np.int64)
+    if len(input_ids_list) != len(doc_ids):
+        raise DataError(f"{path}: {len(input_ids_list)} token lists but {len(doc_ids)} doc ids")
+    table = pa.table(
+        {
+            TOKENS_COLUMN: pa.array([list(x) for x in input_ids_list], type=pa.list_(pa.int32())),
+            DOC_ID_COLUMN: pa.array(doc_ids, type=pa.int64()),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
+    return path

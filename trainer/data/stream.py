@@ -1,0 +1,314 @@
+"""One shard's stateful stream: read rows -> tokenize -> chunk -> shuffle block -> pack/pad -> batch.
+
+Stages (each a small piece of state, all in :class:`ShardStream`):
+
+1. *source*: the shard's :class:`Segment` list (see ``sharding``), read in record batches;
+   the position is ``(segment, row within segment, chunk within the row's document)``;
+2. *tokenize*: one batched fast-tokenizer call per record batch (skipped for pre-tokenized
+   files); null, empty or non-string values are skipped and counted in ``skipped_docs``;
+   documents longer than ``max_seq_len`` (EOS included when packing) are cut into chunks, so a
+   document longer than the whole buffer simply spans several blocks;
+3. *shuffle*: a seeded **block shuffle buffer**: ``buffer_size`` chunks are read, permuted
+   with a generator seeded by ``(seed, epoch, shard, block number)`` and handed out in order.
+   Its state is therefore the block's start position plus an index into it, never its
+   contents, and no RNG state needs saving;
+4. *pack/pad* and *batch*: :mod:`trainer.data.packing`; the packer's carry-over (< max_seq_len
+   tokens) is saved as token ids.
+
+Restoring re-reads and re-tokenizes the current block (``buffer_size`` chunks, from at most a
+few row groups): its cost depends on the buffer and row-group sizes, never on how many
+batches were consumed; nothing is replayed.
+
+A shard ends with a partial, filler-padded batch; the stream then simply ends
+(``StopIteration``), and :class:`~trainer.data.pipeline.TrainData` keeps ranks in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+import pyarrow.parquet as pq
+from torch.utils.data import IterableDataset, get_worker_info
+
+from trainer.data.packing import Batch, Chunk, Packer, chunk_document, chunk_row, collate
+from trainer.data.sharding import Segment, Unit, epoch_order, held_out, shard_bounds, shard_segments
+from trainer.data.sources import SourceFile, open_parquet, read_group
+from trainer.data.tokenize import encode_texts
+
+Split = Literal["train", "eval"]
+
+
+@dataclass
+class StreamSpec:
+    """Everything a shard stream needs; pickled to dataloader workers."""
+
+    files: list[SourceFile]
+    units: list[Unit]
+    tokenizer: Any
+    text_column: str
+    max_seq_len: int
+    micro_batch_size: int
+    pack: bool
+    buffer_size: int
+    seed: int
+    eos_id: int | None
+    pad_id: int
+    split: Split
+    # Row-level held-out split: train drops, eval keeps, rows with held_out(...) True.
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    total_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total_rows = sum(u.rows for u in self.units)
+
+
+class ShardState(TypedDict):
+    """Position of one shard's stream after the last batch it produced."""
+
+    epoch: int
+    shard: int
+    block_no: int  # number of the current shuffle block (-1 before the first)
+    block_start: list[int]  # [segment, row within segment, chunk] where the block's reading began
+    block_index: int  # chunks of the block already handed out
+    carry_doc: int  # packer carry-over (doc id, tokens), -1 / [] when none
+    carry_tokens: list[int]
+    docs: int  # documents read so far this epoch, as of the block start
+    skipped_docs: int  # null/empty/non-string values skipped this epoch, as of the block start
+    skipped_read: int  # the same, counted up to the read position (what is reported)
+    rows: list[int]  # the shard's row range [lo, hi) in the epoch's row sequence
+    next_row: int  # rows of the shard before block_start (all consumed): the re-shard seam
+    done: bool
+
+
+def fresh_state(epoch: int, shard: int) -> ShardState:
+    return ShardState(
+        epoch=epoch,
+        shard=shard,
+        block_no=-1,
+        block_start=[0, 0, 0],
+        block_index=0,
+        carry_doc=-1,
+        carry_tokens=[],
+        docs=0,
+        skipped_docs=0,
+        skipped_read=0,
+        rows=[0, 0],
+        next_row=0,
+        done=False,
+    )
+
+
+class ShardStream(IterableDataset):
+    """The batches of one (rank, worker) shard for one epoch, with exact, cheap resume.
+
+    ``state_dict()`` is the position after the last batch yielded; ``load_state_dict()`` makes
+    the next ``iter()`` continue from it. ``set_epoch()`` before ``iter()`` picks the epoch.
+    """
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        self.epoch = 0
+        self._resume: ShardState | None = None
+        self._state: ShardState | None = None
+
+    # -- Stateful protocol (called by StatefulDataLoader inside each worker) ----------------
+    def state_dict(self) -> ShardState:
+        if self._state is not None:
+            return dict(self._state)  # type: ignore[return-value]
+        if self._resume is not None:
+            return dict(self._resume)  # type: ignore[return-value]
+        shard, _ = self._shard()
+        return fresh_state(self.epoch, shard)
+
+    def load_state_dict(self, state: ShardState) -> None:
+        self._resume = dict(state)  # type: ignore[assignment]
+        self._state = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._resume = None
+        self._state = None
+
+    # -- plan ---------------------------------------------------------------------------------
+    def _shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = max(1, self.spec.num_workers) if self.spec.split == "train" else 1
+        worker = info.id if info is not None else 0
+        return self.spec.rank * workers + worker, self.spec.world_size * workers
+
+    def _segments(self, shard: int, num_shards: int) -> tuple[list[Segment], tuple[int, int]]:
+        spec = self.spec
+        if not spec.units:
+            return [], (0, 0)
+        if spec.split == "train":
+            order = epoch_order(len(spec.units), spec.seed, self.epoch)
+        else:
+            order = np.arange(len(spec.units))
+        bounds = shard_bounds(spec.total_rows, shard, num_shards)
+        return shard_segments(spec.units, order, shard, num_shards), bounds
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _chunks(self, segments: list[Segment], start: list[int], counters: dict[str, int]) -> Iterator[Chunk]:
+        """Source + tokenize + chunk: chunks from position ``start``; ``counters['next']`` tracks the position."""
+        spec = self.spec
+        seg0, row0, chunk0 = start
+        pf_cache: dict[int, pq.ParquetFile] = {}
+        for si in range(seg0, len(segments)):
+            seg = segments[si]
+            unit = spec.units[seg.unit]
+            src = spec.files[unit.file]
+            r = row0 if si == seg0 else 0
+            pf = None
+            if src.kind == "parquet":
+                if unit.file not in pf_cache:
+                    pf_cache.clear()  # one open file at a time
+                    pf_cache[unit.file] = open_parquet(src.path)
+                pf = pf_cache[unit.file]
+            for rb in read_group(
+                src, unit.group, unit.row_base, seg.start + r, seg.stop, spec.text_column, pf
+            ):
+                n = len(rb.values)
+                rows = np.arange(
+                    unit.row_base + seg.start + r, unit.row_base + seg.start + r + n, dtype=np.int64
+                )
+                keep = held_out(rows, spec.holdout_fraction, spec.holdout_seed)
+                if spec.split == "train":
+                    keep = ~keep
+                elif spec.holdout_fraction <= 0:
+                    keep = np.ones(n, dtype=bool)
+                valid = [keep[i] and _is_valid(rb.values[i], src.tokenized) for i in range(n)]
+                if src.tokenized:
+                    tokens = [rb.values[i] if valid[i] else None for i in range(n)]
+                else:
+                    idx = [i for i in range(n) if valid[i]]
+                    encoded = encode_texts(spec.tokenizer, [rb.values[i] for i in idx])
+                    tokens = [None] * n
+                    for i, ids in zip(idx, encoded, strict=True):
+                        tokens[i] = ids
+                for i in range(n):
+                    if not keep[i]:
+                        r += 1
+                        continue
+                    ids = tokens[i]
+                    if ids is not None and spec.pack:
+                        ids = np.append(np.asarray(ids, dtype=np.int32), np.int32(spec.eos_id))
+                    if not valid[i] or ids is None or len(ids) == 0:
+                        counters["skipped_docs"] += 1
+                        r += 1
+                        continue
+                    counters["docs"] += chunk0 == 0
+                    pieces = chunk_document(
+                        int(rb.doc_ids[i]), np.asarray(ids, dtype=np.int32), spec.max_seq_len
+                    )
+                    for c in range(chunk0, len(pieces)):
+                        last = c + 1 == len(pieces)
+                        counters["next"] = [si, r + 1, 0] if last else [si, r, c + 1]
+                        yield pieces[c]
+                    chunk0 = 0
+                    r += 1
+            row0 = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        shard, num_shards = self._shard()
+        segments, bounds = self._segments(shard, num_shards)
+        state = self._resume if self._resume is not None else fresh_state(self.epoch, shard)
+        self._resume = None
+        if state["epoch"] != self.epoch or state["shard"] != shard:
+            raise RuntimeError(
+                f"shard state for epoch {state['epoch']} shard {state['shard']} loaded into "
+                f"epoch {self.epoch} shard {shard}"
+            )
+        if state["done"]:
+            self._state = state
+            return
+        seg_lengths = np.cumsum([0] + [s.stop - s.start for s in segments])
+
+        block: list[Chunk] = []
+        block_index = 0
+        block_no = state["block_no"]
+        block_start = list(state["block_start"])
+        counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"], "next": list(block_start)}
+        block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
+        chunks = self._chunks(segments, block_start, counters)
+
+        def read_block() -> None:
+            nonlocal block, block_index
+            block = list(itertools.islice(chunks, spec.buffer_size))
+            block_index = 0
+            if spec.split == "train" and len(block) > 1:
+                perm = np.random.default_rng([spec.seed, self.epoch, shard, block_no]).permutation(len(block))
+                block = [block[i] for i in perm]
+
+        if block_no >= 0:  # resume inside a block: re-read it, then skip what was handed out
+            read_block()
+            block_index = state["block_index"]
+            block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
+
+        def pull() -> Chunk | None:
+            nonlocal block_index, block_no, block_start, block_counters
+            if block_index >= len(block):
+                block_no += 1
+                block_start = list(counters["next"])
+                block_counters = {k: v for k, v in counters.items() if k != "next"}
+                read_block()
+                if not block:
+                    return None
+            block_index += 1
+            return block[block_index - 1]
+
+        packer = Packer(spec.max_seq_len, spec.pad_id)
+        if state["carry_tokens"]:
+            packer.carry = (state["carry_doc"], np.asarray(state["carry_tokens"], dtype=np.int32))
+
+        def snapshot(done: bool) -> ShardState:
+            carry = packer.carry
+            return ShardState(
+                epoch=self.epoch,
+                shard=shard,
+                block_no=block_no,
+                block_start=list(block_start),
+                block_index=block_index,
+                carry_doc=carry[0] if carry else -1,
+                carry_tokens=carry[1].tolist() if carry else [],
+                docs=block_counters["docs"],
+                skipped_docs=block_counters["skipped_docs"],
+                skipped_read=counters["skipped_docs"],
+                rows=[bounds[0], bounds[1]],
+                next_row=bounds[0] + int(seg_lengths[min(block_start[0], len(segments))]) + block_start[1],
+                done=done,
+            )
+
+        B = spec.micro_batch_size
+        while True:
+            rows = []
+            while len(rows) < B:
+                if spec.pack:
+                    row = packer.next_row(pull)
+                else:
+                    chunk = pull()
+                    row = chunk_row(chunk) if chunk is not None else None
+                if row is None:
+                    break
+                rows.append(row)
+            if not rows:
+                self._state = snapshot(done=True)
+                return
+            self._state = snapshot(done=len(rows) < B)
+            yield collate(rows, B, spec.pad_id, spec.pack, spec.max_seq_len)
+            if len(rows) < B:
+                return
+
+
+def _is_valid(value: Any, tokenized: bool) -> bool:
+    if tokenized:
+        return value is not None and len(value) > 0
+    return isinstance(value, str) and len(value) > 0

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo/data")
     parser.add_argument("--max-mb", type=float, default=6.0, help="corpus size in MB of source text")
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--row-group-size", type=int, default=64)
+    parser.add_argument("--row-group-size", type=int, default=16)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

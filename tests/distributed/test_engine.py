@@ -85,3 +85,11 @@ def test_zero3_export_reproduces_engine_logits(engine_results):
     assert torch.allclose(logits, engine_logits, atol=1e-5), (logits - engine_logits).abs().max()
     untrained = tiny_model()(input_ids=probe).logits
     assert (untrained - engine_logits).abs().max() > 1e-3, "export must hold the trained weights"
+
+
+def test_muon_runs_as_deepspeeds_muon_and_learns(engine_results):
+    _, results = engine_results
+    assert "Muon" in results[0]["muon_optimizer"]
+    muon, adamw = results[0]["losses"]["muon"], results[0]["losses"]["2"]
+    assert muon[-1] < muon[0] - 0.1
+    assert muon != adamw, "a different optimizer must give different losses"

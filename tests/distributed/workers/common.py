@@ -28,14 +28,14 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def tiny_job(stage: int, micro: int, accum: int, steps: int = 10, **zero: bool) -> JobConfig:
+def tiny_job(stage: int, micro: int, accum: int, steps: int = 10, **optim: object) -> JobConfig:
     return build_config(
         base={
             "tokenizer": "unused",
-            "optim": {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 1.0},
+            "optim": {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 1.0, **optim},
             "schedule": {"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1},
             "train": {"micro_batch_size": micro, "grad_accum": accum, "max_steps": steps},
-            "zero": {"stage": stage, **zero},
+            "zero": {"stage": stage},
         }
     )
 

@@ -23,8 +23,8 @@ from trainer.train_module import TrainModule
 STEPS = 10
 
 
-def train(dist: DistInfo, stage: int, micro: int, accum: int) -> tuple[list[float], object]:
-    job = tiny_job(stage, micro, accum, steps=STEPS)
+def train(dist: DistInfo, stage: int, micro: int, accum: int, **optim) -> tuple[list[float], object]:
+    job = tiny_job(stage, micro, accum, steps=STEPS, **optim)
     engine, _ = build_engine(job, tiny_model(seed=0), "fp32", on_gpu=False, total_steps=STEPS)
     module = TrainModule(engine, dist)
     losses = []
@@ -59,6 +59,9 @@ def main() -> None:
         state = consolidated_state_dict(engine)
         if dist.is_main:
             weights[name] = state
+    losses, engine = train(dist, 2, micro=2, accum=2, name="muon")
+    result["losses"]["muon"] = losses
+    result["muon_optimizer"] = type(engine.optimizer.optimizer).__name__
     if dist.is_main:
         diff = max((weights["m4a1"][k] - weights["m1a4"][k]).abs().max().item() for k in weights["m4a1"])
         result["accum_weight_maxdiff"] = diff

@@ -14,6 +14,13 @@ Document ids: a ``doc_id`` integer column (field) is used when the file has one;
 id is the *global row index*: the row's position in the concatenation of all files in the
 resolved file order (files in the order given; globs and directories expanded sorted).
 
+Hugging Face ``datasets`` sources keep every guarantee above because they are read as files:
+a directory written by ``Dataset.save_to_disk`` (it has a ``state.json``), or ``hf:ID[:split]``
+(``datasets.load_dataset`` downloads and caches it as Arrow files, on machines with internet),
+resolves to its Arrow cache files; each Arrow record batch is a group, read through a memory
+map. Streaming hub datasets (``streaming=True``) are not used: they offer no row-level
+sharding or O(1) resume, so download (or convert to parquet) first.
+
 Pre-tokenized parquet (an ``input_ids`` list column, as written by :func:`write_tokenized_shard`
 and ``dstrain data tokenize``) is read as token ids and skips tokenization.
 """
@@ -35,7 +42,7 @@ import pyarrow.parquet as pq
 
 from trainer.errors import DataError
 
-FileKind = Literal["parquet", "jsonl", "json"]
+FileKind = Literal["parquet", "jsonl", "json", "arrow"]
 
 #: Records per virtual group of a json/jsonl file (the unit of sharding for those files).
 JSON_ROWS_PER_GROUP = 1024
@@ -52,7 +59,9 @@ _SUFFIXES: dict[str, FileKind] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "json",
+    ".arrow": "arrow",
 }
+HUB_PREFIX = "hf:"
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,11 @@ def resolve_paths(specs: Sequence[str], key: str) -> list[Path]:
     out: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_dir():
+        if str(spec).startswith(HUB_PREFIX):
+            out.extend(hub_dataset_files(str(spec), key))
+        elif path.is_dir() and (path / "state.json").is_file():
+            out.extend(saved_dataset_files(path, key))
+        elif path.is_dir():
             found = sorted(
                 p
                 for p in path.rglob("*")
@@ -121,6 +134,42 @@ def resolve_paths(specs: Sequence[str], key: str) -> list[Path]:
             seen.add(str(absolute))
             unique.append(absolute)
     return unique
+
+
+def saved_dataset_files(path: Path, key: str) -> list[Path]:
+    """The Arrow files of a ``Dataset.save_to_disk`` directory, in the dataset's row order."""
+    try:
+        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--{key}: {path}/state.json is not a datasets save_to_disk state ({exc})") from None
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"--{key}: {path} lists {missing[0].name}, which is missing; re-save the dataset")
+    return files
+
+
+def hub_dataset_files(spec: str, key: str) -> list[Path]:
+    """``hf:ID[:split]`` -> the Arrow cache files of ``datasets.load_dataset(ID, split=split)``."""
+    name, _, split = spec[len(HUB_PREFIX) :].partition(":")
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(name, split=split or "train")
+    except Exception as exc:  # network, missing dataset, bad split: all the user's to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"--{key}: {spec} could not be loaded with datasets: {first}") from None
+    return [Path(f["filename"]) for f in dataset.cache_files]
+
+
+def open_arrow(path: str) -> pa.ipc.RecordBatchStreamReader:
+    """A memory-mapped reader of a datasets Arrow file (IPC stream format)."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(path))
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(
+            f"{path} is not a readable Arrow stream file ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "re-save the dataset or convert it to parquet"
+        ) from None
 
 
 def file_kind(path: Path) -> FileKind:
@@ -154,18 +203,7 @@ def describe_file(path: Path, text_column: str) -> SourceFile:
         pf = open_parquet(str(path))
         names = pf.schema_arrow.names
         tokenized = TOKENS_COLUMN in names
-        if not tokenized and text_column not in names:
-            raise DataError(
-                f"{path} has no column {text_column!r} (columns: {', '.join(names)}); "
-                "set --data.text_column to the one holding the text"
-            )
-        if not tokenized:
-            col_type = pf.schema_arrow.field(text_column).type
-            if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-                raise DataError(
-                    f"{path}: column {text_column!r} has type {col_type}, not string; "
-                    "set --data.text_column to the column holding the text"
-                )
+        _check_columns(path, pf.schema_arrow, text_column)
         has_doc_id = DOC_ID_COLUMN in names
         if has_doc_id and not pa.types.is_integer(pf.schema_arrow.field(DOC_ID_COLUMN).type):
             raise DataError(
@@ -180,8 +218,38 @@ def describe_file(path: Path, text_column: str) -> SourceFile:
         return SourceFile(
             str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns
         )
+    if kind == "arrow":
+        reader = open_arrow(str(path))
+        schema = reader.schema
+        _check_columns(path, schema, text_column)
+        groups, first = [], 0
+        for batch in reader:  # memory-mapped: only batch headers are touched
+            groups.append(Group(rows=batch.num_rows, first_row=first))
+            first += batch.num_rows
+        tokenized = TOKENS_COLUMN in schema.names
+        has_doc_id = DOC_ID_COLUMN in schema.names
+        return SourceFile(
+            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns
+        )
     groups, has_doc_id = _index_json(path, kind, text_column)
     return SourceFile(str(path), kind, False, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns)
+
+
+def _check_columns(path: Path, schema: pa.Schema, text_column: str) -> None:
+    names = schema.names
+    if TOKENS_COLUMN in names:
+        return
+    if text_column not in names:
+        raise DataError(
+            f"{path} has no column {text_column!r} (columns: {', '.join(names)}); "
+            "set --data.text_column to the one holding the text"
+        )
+    col_type = schema.field(text_column).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+        raise DataError(
+            f"{path}: column {text_column!r} has type {col_type}, not string; "
+            "set --data.text_column to the column holding the text"
+        )
 
 
 # ----------------------------------------------------------------------------------------- json
@@ -347,6 +415,9 @@ def read_group(
     ``row_base`` is the global row index of the group's first row (the doc id fallback).
     """
     group = src.groups[group_index]
+    if src.kind == "arrow":
+        yield from _read_arrow_group(src, group_index, row_base, start, stop, text_column)
+        return
     if src.kind == "parquet":
         pf = pf or open_parquet(src.path)
         value_col = TOKENS_COLUMN if src.tokenized else text_column
@@ -454,3 +525,26 @@ def write_tokenized_shard(
     pq.write_table(table, tmp, row_group_size=row_group_size)
     os.replace(tmp, path)
     return path
+
+
+def _read_arrow_group(
+    src: SourceFile, group_index: int, row_base: int, start: int, stop: int, text_column: str
+) -> Iterator[RowBatch]:
+    """Rows ``[start, stop)`` of one Arrow record batch (memory-mapped; earlier batches are skipped
+    by their headers, so no data before the group is copied)."""
+    reader = open_arrow(src.path)
+    for index, batch in enumerate(reader):
+        if index < group_index:
+            continue
+        rb = batch.slice(start, stop - start)
+        value_col = TOKENS_COLUMN if src.tokenized else text_column
+        column = rb.column(rb.schema.get_field_index(value_col))
+        values = _token_lists(column) if src.tokenized else column.to_pylist()
+        if src.has_doc_id:
+            doc_ids = _int_numpy(rb.column(rb.schema.get_field_index(DOC_ID_COLUMN)), np.int64)
+        else:
+            first = row_base + start
+            doc_ids = np.arange(first, first + rb.num_rows, dtype=np.int64)
+        for lo in range(0, rb.num_rows, READ_BATCH_ROWS):
+            yield RowBatch(doc_ids[lo : lo + READ_BATCH_ROWS], values[lo : lo + READ_BATCH_ROWS])
+        return

@@ -12,6 +12,23 @@ epoch ends together with no hang. Nothing is dropped: ``dropped_docs`` is 0 by c
 The price is the filler compute at each epoch's end, about the token imbalance between
 shards. A consequence for the loss: a micro-batch may carry zero target tokens; sum token
 losses and divide by the all-reduced target count, never take a per-batch mean.
+
+Resuming on another world size or worker count (:meth:`TrainData.load_resharded`, called
+with every old rank's state): the run continues the saved epoch, and no token is repeated or
+dropped. Each old shard's state splits into *leftovers*, what it had read but not handed out
+(its packer carry, the rest of its current shuffle block, the rest of the document that block
+ended in; at most one carry + ``buffer_size`` chunks + one long document's tail per old
+shard), and the row ranges nobody read yet. The ranges of all old shards are merged and dealt
+to the new (rank, worker) shards in consecutive parts of equal row count (+-1); the leftovers
+of old shard ``j`` go to new shard ``j mod S'``, which hands them out before its rows, packer
+carries first. A leftover is kept as the position that re-creates it (the old block is
+re-read once, <= ``buffer_size`` chunks, and permuted as the old shard did) plus the carry's
+tokens, so the re-sharded position is itself a small state, saved and exactly resumable at the
+new world size. The price: a document whose head was trained before the save and whose tail
+was a packer carry appears on both sides (its tokens once each), at most one per old shard;
+leftover chunks are not mixed into the new shards' shuffle; and ``skipped_docs`` of the
+re-sharded epoch counts only what the new shards read. ``dropped_docs`` stays 0. The next
+epoch is sharded normally for the new world size.
 """
 
 from __future__ import annotations
@@ -28,14 +45,21 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.config import DataConfig
 from trainer.data.packing import Batch, filler_batch
-from trainer.data.sharding import build_units
+from trainer.data.sharding import build_units, deal_ranges, merge_ranges, ranges_rows, shard_bounds
 from trainer.data.sources import SourceFile, describe_file, read_group, resolve_paths
-from trainer.data.stream import ShardState, ShardStream, StreamSpec
+from trainer.data.stream import (
+    ShardPlan,
+    ShardState,
+    ShardStream,
+    StreamSpec,
+    fresh_state,
+    shard_remainder,
+)
 from trainer.data.tokenize import encode_texts, eos_id, pad_id, tokenizer_fingerprint
 from trainer.dist import DistInfo
 from trainer.errors import DataError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dstrain.data")  # under the trainer's logger: rank 0's INFO lines reach train.log
 
 STATE_VERSION = 1
 #: Eval batches are kept in memory after the first pass when they hold at most this many tokens.
@@ -71,13 +95,14 @@ class TrainDataState(TypedDict):
     local_done: bool  # this rank's shards are exhausted (it yields filler until all are)
     loader: dict[str, Any] | None  # StatefulDataLoader state; None = start of the epoch
     shards: list[ShardState]  # per-worker positions (read from ``loader``): the re-shard seam
+    reshard: list[ShardPlan] | None  # this rank's shards' work in a re-sharded epoch, else None
 
 
 def _find_shard_states(obj: Any) -> list[ShardState]:
     """The ShardState dicts inside a StatefulDataLoader state (its layout is torchdata's business)."""
     found: list[ShardState] = []
     if isinstance(obj, dict):
-        if "block_no" in obj and "shard" in obj and "carry_tokens" in obj:
+        if "block_no" in obj and "shard" in obj and "carry_tokens" in obj and "done" in obj:
             return [obj]  # type: ignore[list-item]
         for value in obj.values():
             found.extend(_find_shard_states(value))
@@ -107,8 +132,10 @@ class TrainData:
 
     Resume: ``state_dict()`` / ``load_state_dict(state)`` restore the exact position (same
     files, world size, workers, batch shape, tokenizer, else :class:`DataError` naming what
-    changed). ``load_state_dict(state, strict=False)`` or ``start_epoch(epoch)`` instead start
-    an epoch from its beginning: the way to continue after the data or max_seq_len changed.
+    changed). ``load_resharded(states)`` derives this rank's position from all ranks' states of
+    a run with another world size or worker count. ``load_state_dict(state, strict=False)`` or
+    ``start_epoch(epoch)`` instead start an epoch from its beginning: the way to continue after
+    the data or max_seq_len changed.
     """
 
     def __init__(
@@ -131,12 +158,13 @@ class TrainData:
         self._pending_loader_state: dict[str, Any] | None = None
         self._local_done = False
         self._done_shards: list[ShardState] = []  # final shard states once local_done
+        self._plan: list[ShardPlan] | None = None  # this rank's shards in a re-sharded epoch
         self._group: Any = None
         self._approx: int | None = None
 
     # -- iteration ------------------------------------------------------------------------------
     def _make_loader(self) -> StatefulDataLoader:
-        self._stream.set_epoch(self.epoch)
+        self._stream.set_epoch(self.epoch, self._plan)
         workers = self.cfg.num_workers
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 on torch 2.13
@@ -238,6 +266,7 @@ class TrainData:
         self._pending_loader_state = None
         self._local_done = False
         self._done_shards = []
+        self._plan = None
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> TrainDataState:
@@ -258,6 +287,7 @@ class TrainData:
             local_done=self._local_done,
             loader=loader_state,
             shards=self._done_shards if self._local_done else _find_shard_states(loader_state),
+            reshard=self._plan,
         )
 
     def load_state_dict(self, state: TrainDataState, strict: bool = True) -> None:
@@ -294,6 +324,76 @@ class TrainData:
         self._local_done = state["local_done"]
         self._done_shards = list(state["shards"]) if state["local_done"] else []
         self._pending_loader_state = state["loader"]
+        self._plan = state.get("reshard")  # absent in states written before re-sharding existed
+
+    def load_resharded(self, states: list[TrainDataState]) -> None:
+        """Continue the epoch of a run saved with another world size or worker count.
+
+        ``states`` are *all* old ranks' ``state_dict()``, ordered by rank. They must be in one
+        epoch and match this run in everything but world size and workers (else
+        :class:`DataError` naming what changed). Every old shard's leftovers (packer carry, rest
+        of its shuffle block, rest of the document that block ended in) and the rows nobody read
+        are dealt to the new shards (see the module docstring): no chunk that was yielded before
+        the save is yielded again, none is dropped (``dropped_docs`` stays 0), and only the
+        document tails that were packer carries reach the new run having had their heads in the
+        old one (at most one per old shard). Costs no reading here; each new shard re-reads the
+        old blocks it inherits (<= ``buffer_size`` chunks each) when it gets to them. The result
+        is an ordinary position: ``state_dict()`` saves it, ``load_state_dict`` resumes it
+        exactly at the new world size. The next epoch is sharded normally.
+        """
+        if not states:
+            raise DataError("load_resharded needs the data states of all saved ranks; got none")
+        for i, state in enumerate(states):
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                got = state.get("version") if isinstance(state, dict) else type(state).__name__
+                raise DataError(
+                    f"data state of saved rank {i} has version {got!r}, not {STATE_VERSION}; resume "
+                    "with the dstrain version that wrote it, or reset the data position"
+                )
+        old_fp = states[0]["fingerprint"]
+        old_world = old_fp["world_size"]
+        ranks = [s["rank"] for s in states]
+        if ranks != list(range(old_world)) or any(s["fingerprint"] != old_fp for s in states):
+            raise DataError(
+                f"re-shard needs the data states of all {old_world} saved ranks of one run, in rank "
+                f"order; got ranks {ranks}; check that every dstrain_rank<R>.pt of the checkpoint is there"
+            )
+        ignored = ("world_size", "num_workers")
+        old_rest = {k: v for k, v in old_fp.items() if k not in ignored}
+        new_rest = {k: v for k, v in self.fingerprint.items() if k not in ignored}
+        if old_rest != new_rest:
+            raise DataError(
+                f"cannot re-shard the data position: {describe_changes(old_rest, new_rest)}; a world-size "
+                "change keeps every other data setting; change one thing at a time, or reset the data "
+                "position (TrainData.start_epoch)"
+            )
+        epochs = sorted({s["epoch"] for s in states})
+        if len(epochs) != 1:
+            raise DataError(
+                f"the saved ranks are in different epochs {epochs}; the checkpoint is inconsistent, "
+                "resume from an older one"
+            )
+        epoch = epochs[0]
+        plan, stats = _plan_reshard(self.spec, epoch, states)
+        workers = max(1, self.spec.num_workers)
+        self.start_epoch(epoch)
+        self._plan = plan[self.dist.rank * workers : (self.dist.rank + 1) * workers]
+        self.batches_in_epoch = max(s["batches_in_epoch"] for s in states)
+        if self.dist.is_main:
+            log.info(
+                "data: epoch %d re-sharded from %d ranks x %d shards each to %d x %d: %d unread rows dealt "
+                "evenly; %d leftover pieces handed out first (%d unread chunks of shuffle blocks, %d "
+                "packer carries, and the rest of any document cut at a block's end); dropped 0",
+                epoch,
+                old_world,
+                stats["old_shards"] // old_world,
+                self.dist.world_size,
+                workers,
+                stats["rows"],
+                stats["leftovers"],
+                stats["unread_chunks"],
+                stats["carries"],
+            )
 
     # -- estimates ----------------------------------------------------------------------------------
     def approx_batches_per_epoch(self) -> int:
@@ -302,6 +402,58 @@ class TrainData:
         if self._approx is None:
             self._approx = _estimate_batches(self.spec, self.cfg)
         return self._approx
+
+
+def _old_shard_states(spec: StreamSpec, states: list[TrainDataState]) -> list[ShardState]:
+    """Every old shard's state, in shard order: the saved ones, and a start-of-epoch one for a
+    shard whose rank had not started the epoch (or whose worker had not reported yet)."""
+    fp = states[0]["fingerprint"]
+    old_world, old_workers = fp["world_size"], max(1, fp["num_workers"])
+    num_shards = old_world * old_workers
+    epoch = states[0]["epoch"]
+    out = []
+    for state in states:
+        found = {s["shard"]: dict(s) for s in state["shards"] if s["epoch"] == epoch}
+        plan = {p["shard"]: p for p in state.get("reshard") or []}
+        for shard in range(state["rank"] * old_workers, (state["rank"] + 1) * old_workers):
+            if shard in plan:
+                ranges, leftovers = plan[shard]["ranges"], plan[shard]["leftovers"]
+            else:
+                ranges, leftovers = [list(shard_bounds(spec.total_rows, shard, num_shards))], []
+            if state["local_done"]:
+                found.setdefault(shard, {**fresh_state(epoch, shard, []), "done": True})
+            shard_state = found.get(shard) or fresh_state(epoch, shard, ranges, leftovers)
+            shard_state.setdefault("ranges", ranges)  # states written before re-sharding existed
+            out.append(shard_state)  # type: ignore[arg-type]
+    return out
+
+
+def _plan_reshard(
+    spec: StreamSpec, epoch: int, states: list[TrainDataState]
+) -> tuple[list[ShardPlan], dict[str, int]]:
+    """The work of every new shard for the rest of ``epoch`` (see the module docstring)."""
+    stream = ShardStream(spec)
+    stream.set_epoch(epoch)
+    unread: list[list[int]] = []
+    groups = []
+    stats = {"old_shards": 0, "rows": 0, "leftovers": 0, "unread_chunks": 0, "carries": 0}
+    for old in _old_shard_states(spec, states):
+        ranges, leftovers, chunks = shard_remainder(stream, old)
+        unread += ranges
+        groups.append(leftovers)
+        stats["old_shards"] += 1
+        stats["leftovers"] += len(leftovers)
+        stats["unread_chunks"] += chunks
+        stats["carries"] += sum(bool(lo["carry_tokens"]) for lo in leftovers)
+    num_shards = spec.world_size * max(1, spec.num_workers)
+    merged = merge_ranges(unread)
+    stats["rows"] = ranges_rows(merged)
+    plan = [ShardPlan(shard=s, ranges=r, leftovers=[]) for s, r in enumerate(deal_ranges(merged, num_shards))]
+    for j, leftovers in enumerate(groups):
+        plan[j % num_shards]["leftovers"].extend(leftovers)
+    for shard in plan:  # carries first: the document tails then follow their heads at once
+        shard["leftovers"].sort(key=lambda lo: lo["block_no"] >= 0)
+    return plan, stats
 
 
 def _clean_worker_error(exc: Exception) -> Exception:

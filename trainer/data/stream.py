@@ -21,6 +21,14 @@ batches were consumed; nothing is replayed.
 
 A shard ends with a partial, filler-padded batch; the stream then simply ends
 (``StopIteration``), and :class:`~trainer.data.pipeline.TrainData` keeps ranks in step.
+
+Re-shard seam: a shard's rows are a list of ranges (``ShardState.ranges``), and a shard can
+start with :class:`Leftover` pieces, the chunks that *other* shards of a run saved on another
+world size had read but not handed out (their packer carry, the rest of their current shuffle
+block, the rest of the document that block ended in). A leftover is stored as the position
+that re-creates it (the old shard's ranges, block start, block number, index), never as its
+tokens, except the carry. :func:`shard_remainder` splits an old shard's state into "leftovers"
+and "row ranges not read yet"; ``TrainData.load_resharded`` deals them to the new shards.
 """
 
 from __future__ import annotations
@@ -35,7 +43,16 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer.data.packing import Batch, Chunk, Packer, chunk_document, chunk_row, collate
-from trainer.data.sharding import Segment, Unit, epoch_order, held_out, shard_bounds, shard_segments
+from trainer.data.sharding import (
+    Segment,
+    Unit,
+    epoch_order,
+    held_out,
+    range_segments,
+    ranges_after,
+    row_position,
+    shard_bounds,
+)
 from trainer.data.sources import SourceFile, open_parquet, read_group
 from trainer.data.tokenize import encode_texts
 
@@ -70,6 +87,32 @@ class StreamSpec:
         self.total_rows = sum(u.rows for u in self.units)
 
 
+class Leftover(TypedDict):
+    """Chunks that a shard of a run saved on another world size had read but not handed out.
+
+    Handed out in this order: the carry (explicit tokens, < max_seq_len), then the old shard's
+    current block re-read from ``block_start`` and permuted as that shard did, from
+    ``block_index`` on, followed by the remaining chunks of the document the block ended in.
+    ``block_no`` -1 means a carry only.
+    """
+
+    shard: int  # the old shard (seeds its block permutation)
+    ranges: list[list[int]]  # the old shard's row ranges: rebuild its segments
+    block_no: int
+    block_start: list[int]  # [segment, row, chunk] in the old shard's segments
+    block_index: int  # entries of (permuted block + rest of its last document) handed out
+    carry_doc: int
+    carry_tokens: list[int]
+
+
+class ShardPlan(TypedDict):
+    """A shard's work for one re-sharded epoch: leftovers first, then its row ranges."""
+
+    shard: int
+    ranges: list[list[int]]
+    leftovers: list[Leftover]
+
+
 class ShardState(TypedDict):
     """Position of one shard's stream after the last batch it produced."""
 
@@ -78,31 +121,51 @@ class ShardState(TypedDict):
     block_no: int  # number of the current shuffle block (-1 before the first)
     block_start: list[int]  # [segment, row within segment, chunk] where the block's reading began
     block_index: int  # chunks of the block already handed out
+    block_len: int  # chunks in the current block (<= buffer_size)
+    block_end: list[int]  # [segment, row, chunk] where the block's reading stopped
     carry_doc: int  # packer carry-over (doc id, tokens), -1 / [] when none
     carry_tokens: list[int]
     docs: int  # documents read so far this epoch, as of the block start
     skipped_docs: int  # null/empty/non-string values skipped this epoch, as of the block start
     skipped_read: int  # the same, counted up to the read position (what is reported)
-    rows: list[int]  # the shard's row range [lo, hi) in the epoch's row sequence
-    next_row: int  # rows of the shard before block_start (all consumed): the re-shard seam
+    ranges: list[list[int]]  # the shard's row ranges [[lo, hi), ...] in the epoch's row sequence
+    leftovers: list[Leftover]  # re-shard: other shards' chunks still to hand out, before block 0
+    next_row: int  # epoch row position of block_start (the shard's rows before it are consumed)
     done: bool
 
 
-def fresh_state(epoch: int, shard: int) -> ShardState:
+def fresh_state(
+    epoch: int, shard: int, ranges: list[list[int]], leftovers: list[Leftover] | None = None
+) -> ShardState:
     return ShardState(
         epoch=epoch,
         shard=shard,
         block_no=-1,
         block_start=[0, 0, 0],
         block_index=0,
+        block_len=0,
+        block_end=[0, 0, 0],
         carry_doc=-1,
         carry_tokens=[],
         docs=0,
         skipped_docs=0,
         skipped_read=0,
-        rows=[0, 0],
-        next_row=0,
+        ranges=[list(r) for r in ranges],
+        leftovers=[_copy_leftover(lo) for lo in leftovers or []],
+        next_row=ranges[0][0] if ranges else 0,
         done=False,
+    )
+
+
+def _copy_leftover(lo: Leftover) -> Leftover:
+    return Leftover(
+        shard=lo["shard"],
+        ranges=[list(r) for r in lo["ranges"]],
+        block_no=lo["block_no"],
+        block_start=list(lo["block_start"]),
+        block_index=lo["block_index"],
+        carry_doc=lo["carry_doc"],
+        carry_tokens=list(lo["carry_tokens"]),
     )
 
 
@@ -116,6 +179,7 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec) -> None:
         self.spec = spec
         self.epoch = 0
+        self.plan: dict[int, ShardPlan] | None = None  # the epoch's re-shard plan, by shard
         self._resume: ShardState | None = None
         self._state: ShardState | None = None
 
@@ -125,15 +189,18 @@ class ShardStream(IterableDataset):
             return dict(self._state)  # type: ignore[return-value]
         if self._resume is not None:
             return dict(self._resume)  # type: ignore[return-value]
-        shard, _ = self._shard()
-        return fresh_state(self.epoch, shard)
+        shard, num_shards = self._shard()
+        ranges, leftovers = self._work(shard, num_shards)
+        return fresh_state(self.epoch, shard, ranges, leftovers)
 
     def load_state_dict(self, state: ShardState) -> None:
         self._resume = dict(state)  # type: ignore[assignment]
         self._state = None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, plan: list[ShardPlan] | None = None) -> None:
+        """Pick the epoch; ``plan`` (a re-sharded epoch) replaces the normal row ranges."""
         self.epoch = epoch
+        self.plan = None if plan is None else {p["shard"]: p for p in plan}
         self._resume = None
         self._state = None
 
@@ -144,16 +211,47 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         return self.spec.rank * workers + worker, self.spec.world_size * workers
 
-    def _segments(self, shard: int, num_shards: int) -> tuple[list[Segment], tuple[int, int]]:
+    def _work(self, shard: int, num_shards: int) -> tuple[list[list[int]], list[Leftover]]:
+        """The shard's row ranges and leftovers this epoch: its contiguous share, or the plan's."""
+        if self.plan is None:
+            return [list(shard_bounds(self.spec.total_rows, shard, num_shards))], []
+        if shard not in self.plan:
+            raise RuntimeError(f"re-shard plan has no entry for shard {shard} (has {sorted(self.plan)})")
+        return self.plan[shard]["ranges"], self.plan[shard]["leftovers"]
+
+    def _segments(self, ranges: list[list[int]]) -> list[Segment]:
         spec = self.spec
         if not spec.units:
-            return [], (0, 0)
+            return []
         if spec.split == "train":
             order = epoch_order(len(spec.units), spec.seed, self.epoch)
         else:
             order = np.arange(len(spec.units))
-        bounds = shard_bounds(spec.total_rows, shard, num_shards)
-        return shard_segments(spec.units, order, shard, num_shards), bounds
+        return range_segments(spec.units, order, ranges)
+
+    def _read_block(self, chunks: Iterator[Chunk], shard: int, block_no: int) -> list[Chunk]:
+        """The next ``buffer_size`` chunks, permuted by ``(seed, epoch, shard, block_no)`` (train)."""
+        spec = self.spec
+        block = list(itertools.islice(chunks, spec.buffer_size))
+        if spec.split == "train" and len(block) > 1:
+            perm = np.random.default_rng([spec.seed, self.epoch, shard, block_no]).permutation(len(block))
+            block = [block[i] for i in perm]
+        return block
+
+    def reread_block(
+        self, shard: int, ranges: list[list[int]], block_no: int, block_start: list[int], with_tail: bool
+    ) -> tuple[list[Chunk], list[int]]:
+        """Re-create shard ``shard``'s block ``block_no`` of this epoch exactly as that shard read
+        it; ``with_tail`` appends the remaining chunks of the document the block ended in.
+        Returns the chunks and the read position after them. Costs one block of reading."""
+        counters = {"docs": 0, "skipped_docs": 0, "next": list(block_start)}
+        chunks = self._chunks(self._segments(ranges), list(block_start), counters)
+        block = self._read_block(chunks, shard, block_no)
+        end = list(counters["next"])
+        if with_tail:
+            while counters["next"][2] != 0 and (chunk := next(chunks, None)) is not None:
+                block.append(chunk)
+        return block, end
 
     # -- stages ---------------------------------------------------------------------------------
     def _chunks(self, segments: list[Segment], start: list[int], counters: dict[str, int]) -> Iterator[Chunk]:
@@ -219,8 +317,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
         shard, num_shards = self._shard()
-        segments, bounds = self._segments(shard, num_shards)
-        state = self._resume if self._resume is not None else fresh_state(self.epoch, shard)
+        ranges, planned = self._work(shard, num_shards)
+        segments = self._segments(ranges)
+        state = self._resume if self._resume is not None else fresh_state(self.epoch, shard, ranges, planned)
         self._resume = None
         if state["epoch"] != self.epoch or state["shard"] != shard:
             raise RuntimeError(
@@ -231,6 +330,9 @@ class ShardStream(IterableDataset):
             self._state = state
             return
         seg_lengths = np.cumsum([0] + [s.stop - s.start for s in segments])
+        # States written before re-sharding existed have no leftovers (and no block extent).
+        leftovers = [_copy_leftover(lo) for lo in state.get("leftovers", [])]
+        leftover_chunks: list[Chunk] | None = None
 
         block: list[Chunk] = []
         block_index = 0
@@ -238,23 +340,44 @@ class ShardStream(IterableDataset):
         block_start = list(state["block_start"])
         counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"], "next": list(block_start)}
         block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
+        block_end = list(block_start)
         chunks = self._chunks(segments, block_start, counters)
 
         def read_block() -> None:
-            nonlocal block, block_index
-            block = list(itertools.islice(chunks, spec.buffer_size))
+            nonlocal block, block_index, block_end
+            block = self._read_block(chunks, shard, block_no)
             block_index = 0
-            if spec.split == "train" and len(block) > 1:
-                perm = np.random.default_rng([spec.seed, self.epoch, shard, block_no]).permutation(len(block))
-                block = [block[i] for i in perm]
+            block_end = list(counters["next"])
 
         if block_no >= 0:  # resume inside a block: re-read it, then skip what was handed out
             read_block()
             block_index = state["block_index"]
             block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
 
+        def pull_leftover() -> Chunk | None:
+            """The next chunk of the leftovers (a re-sharded epoch hands them out first)."""
+            nonlocal leftover_chunks
+            while leftovers:
+                lo = leftovers[0]
+                if lo["carry_tokens"]:
+                    chunk = (lo["carry_doc"], np.asarray(lo["carry_tokens"], dtype=np.int32))
+                    lo["carry_doc"], lo["carry_tokens"] = -1, []
+                    return chunk
+                if lo["block_no"] >= 0 and leftover_chunks is None:
+                    leftover_chunks, _ = self.reread_block(
+                        lo["shard"], lo["ranges"], lo["block_no"], lo["block_start"], with_tail=True
+                    )
+                if leftover_chunks is not None and lo["block_index"] < len(leftover_chunks):
+                    lo["block_index"] += 1
+                    return leftover_chunks[lo["block_index"] - 1]
+                leftovers.pop(0)
+                leftover_chunks = None
+            return None
+
         def pull() -> Chunk | None:
             nonlocal block_index, block_no, block_start, block_counters
+            if leftovers and (chunk := pull_leftover()) is not None:
+                return chunk
             if block_index >= len(block):
                 block_no += 1
                 block_start = list(counters["next"])
@@ -271,19 +394,23 @@ class ShardStream(IterableDataset):
 
         def snapshot(done: bool) -> ShardState:
             carry = packer.carry
+            offset = int(seg_lengths[min(block_start[0], len(segments))]) + block_start[1]
             return ShardState(
                 epoch=self.epoch,
                 shard=shard,
                 block_no=block_no,
                 block_start=list(block_start),
                 block_index=block_index,
+                block_len=len(block),
+                block_end=list(block_end),
                 carry_doc=carry[0] if carry else -1,
                 carry_tokens=carry[1].tolist() if carry else [],
                 docs=block_counters["docs"],
                 skipped_docs=block_counters["skipped_docs"],
                 skipped_read=counters["skipped_docs"],
-                rows=[bounds[0], bounds[1]],
-                next_row=bounds[0] + int(seg_lengths[min(block_start[0], len(segments))]) + block_start[1],
+                ranges=[list(r) for r in ranges],
+                leftovers=[_copy_leftover(lo) for lo in leftovers],
+                next_row=row_position(ranges, offset),
                 done=done,
             )
 
@@ -306,6 +433,60 @@ class ShardStream(IterableDataset):
             yield collate(rows, B, spec.pad_id, spec.pack, spec.max_seq_len)
             if len(rows) < B:
                 return
+
+
+def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[int]], list[Leftover], int]:
+    """What an old shard left of its epoch: ``(row ranges nobody read, leftovers, unread)``.
+
+    The leftovers are, in order: its packer carry, the leftovers it had itself inherited and not
+    yet handed out, and its current shuffle block from ``block_index`` on (``unread`` chunks,
+    plus the rest of the document the block ended in). The row ranges start after that
+    document. ``stream`` must be set to the state's epoch. Reads nothing, unless the state
+    predates ``block_end`` (then it re-reads the block to find where it ended).
+    """
+    if state["done"]:
+        return [], [], 0
+    ranges = [list(r) for r in state["ranges"]]
+    leftovers: list[Leftover] = []
+    if state["carry_tokens"]:
+        leftovers.append(
+            Leftover(
+                shard=state["shard"],
+                ranges=[],
+                block_no=-1,
+                block_start=[0, 0, 0],
+                block_index=0,
+                carry_doc=state["carry_doc"],
+                carry_tokens=list(state["carry_tokens"]),
+            )
+        )
+    leftovers.extend(_copy_leftover(lo) for lo in state.get("leftovers", []))
+    if state["block_no"] < 0:
+        return ranges, leftovers, 0
+    if "block_end" in state:
+        block_len, block_end = state["block_len"], list(state["block_end"])
+    else:
+        block, block_end = stream.reread_block(
+            state["shard"], ranges, state["block_no"], state["block_start"], with_tail=False
+        )
+        block_len = len(block)
+    unread = max(0, block_len - state["block_index"])
+    if unread or block_end[2] > 0:
+        leftovers.append(
+            Leftover(
+                shard=state["shard"],
+                ranges=ranges,
+                block_no=state["block_no"],
+                block_start=list(state["block_start"]),
+                block_index=state["block_index"],
+                carry_doc=-1,
+                carry_tokens=[],
+            )
+        )
+    segments = stream._segments(ranges)
+    seg, row, chunk = block_end
+    read = sum(s.stop - s.start for s in segments[:seg]) + row + int(chunk > 0)
+    return ranges_after(ranges, read), leftovers, unread
 
 
 def _is_valid(value: Any, tokenized: bool) -> bool:

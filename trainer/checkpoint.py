@@ -386,17 +386,18 @@ class Checkpointer:
         trainer.state.load_state_dict(state)
         if reset_data:
             trainer.train_data.start_epoch(trainer.state.epoch)
-        elif resharded:
+        elif resharded or rank_state["data"]["fingerprint"]["num_workers"] != self.job.data.num_workers:
+            # Another world size or worker count: every saved rank's position is needed.
             old = [
                 torch.load(path / f"dstrain_rank{r}.pt", weights_only=False)["data"]
                 for r in range(saved_world)
             ]
             trainer.train_data.load_resharded(old)
             log.warning(
-                "world size %d -> %d: data position re-derived from all %d saved ranks",
+                "data position re-derived from all %d saved ranks (%d rank(s) x %d worker(s) now)",
                 saved_world,
                 self.dist.world_size,
-                saved_world,
+                self.job.data.num_workers,
             )
         else:
             trainer.train_data.load_state_dict(rank_state["data"])

@@ -17,10 +17,12 @@ returns a :class:`TrainData`:
 - ``state_dict()`` / ``load_state_dict()`` restore the exact position, at cost independent of
   how far into the epoch the run is (:class:`TrainDataState`: version, rank, a fingerprint of
   files/world size/workers/batch shape/tokenizer, epoch, the StatefulDataLoader state whose
-  per-worker part is a few integers plus the packer carry, and ``shards``: the per-worker
-  positions, incl. the consumed row range, the seam for a future resume on another world size).
-  A mismatch raises DataError naming what changed; ``load_state_dict(state, strict=False)``
-  or ``start_epoch(epoch)`` reset the position to the start of an epoch instead;
+  per-worker part is a few integers plus the packer carry, ``shards``: the per-worker positions
+  and row ranges, and ``reshard``: the plan of an epoch that was re-sharded). A mismatch raises
+  DataError naming what changed; ``load_state_dict(state, strict=False)`` or
+  ``start_epoch(epoch)`` reset the position to the start of an epoch instead;
+- ``load_resharded(states)`` continues the epoch from *all* saved ranks' states after a change
+  of world size or worker count, with no token trained twice or dropped;
 - ``approx_batches_per_epoch()`` estimates micro-batches per rank per epoch (for LR schedules).
 
 A micro-batch (:class:`Batch`) is a dict of CPU tensors, all ``[micro_batch_size, T]``:

@@ -140,9 +140,13 @@ class Trainer:
         self.last_save_step = self.state.step
 
     def _finished(self) -> bool:
-        if self.stop_requested or self.state.step >= self.total_steps:
+        """max_steps when set, else the epoch count. ``total_steps`` may be an estimate from the
+        data (epochs mode): it sets the schedule's length, never where training stops."""
+        if self.stop_requested:
             return True
-        return self.job.train.max_steps is None and self.state.epoch >= self.job.train.epochs
+        if self.job.train.max_steps is not None:
+            return self.state.step >= self.job.train.max_steps
+        return self.state.epoch >= self.job.train.epochs
 
     def _steps_of_epoch(self) -> Iterator[list[Batch]]:
         """grad_accum micro-batches at a time; the epoch ends on every rank together.

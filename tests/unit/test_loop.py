@@ -1,0 +1,29 @@
+"""The Trainer's *when* logic with plain stand-ins for data and step (no engine needed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+
+def test_epochs_mode_stops_on_epochs_not_on_the_step_estimate():
+    from trainer.config import build_config
+    from trainer.dist import DistInfo
+    from trainer.loop import Trainer
+
+    class Data:
+        """Three micro-batches per epoch; the loop must run both epochs whatever total_steps says."""
+
+        def __iter__(self):
+            return iter([{"n": i} for i in range(3)])
+
+    class Module:
+        steps = 0
+
+        def train_step(self, micro):
+            Module.steps += 1
+            return SimpleNamespace(loss=1.0, grad_norm=None, target_tokens=1, tokens=1)
+
+    job = build_config(base={"tokenizer": "t", "train": {"epochs": 2, "grad_accum": 1, "eval_every": 0}})
+    trainer = Trainer(job, DistInfo(), Module(), Data(), None, total_steps=2, callbacks=[])
+    state = trainer.fit()
+    assert Module.steps == 6 and state.epoch == 2

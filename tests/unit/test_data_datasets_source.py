@@ -64,3 +64,21 @@ def test_unreadable_arrow_file_is_a_one_line_error(tmp_path, tiny_tokenizer_dir)
     with pytest.raises(DataError, match=r"data-00000-of-00001\.arrow is not a readable Arrow") as info:
         build_train_data(cfg, load_tokenizer(str(tiny_tokenizer_dir)), DistInfo(), seed=0, micro_batch_size=2)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+def test_backend_encoding_equals_the_tokenizer_call(which, tiny_tokenizer_dir):
+    import json
+
+    from tests.conftest import shared_path
+    from trainer.data.tokenize import encode_texts
+
+    if which == "qwen":
+        tok = load_tokenizer(str(shared_path("qwen2.5-0.5b")))
+        rows = json.loads(shared_path("zhwiki-sample", "wikipedia-cn-sample.json").read_text())[:200]
+        texts = [r["completion"] for r in rows] + ["<|endoftext|> mixed 特殊 <|im_start|>x"]
+    else:
+        tok = load_tokenizer(str(tiny_tokenizer_dir))
+        texts = make_docs(50) + ["", " leading space", "<|endoftext|>inside"]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert encode_texts(tok, texts) == want

@@ -60,23 +60,11 @@ def write_json_records(path: Path, records: list[dict[str, Any]], lines: bool) -
 
 
 def train_tokenizer_file(out_dir: Path, vocab_size: int = 384) -> Path:
-    """Train a byte-level BPE on generated text; return its tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Train a byte-level BPE on generated text (trainer.tokenizer's trainer); return its tokenizer.json."""
+    from trainer.tokenizer import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(make_docs(300, seed=99), trainer=trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    train_bpe_tokenizer(make_docs(300, seed=99), out_dir, vocab_size=vocab_size)
+    return out_dir / "tokenizer.json"
 
 
 def load_tokenizer(tokenizer_file: Path, with_eos: bool = True):

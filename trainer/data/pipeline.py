@@ -580,16 +580,20 @@ def _fingerprint(spec: StreamSpec, cfg: DataConfig, tokenizer: Any) -> DataFinge
     )
 
 
-def build_train_data(
-    cfg: DataConfig, tokenizer: Any, dist: DistInfo, seed: int, micro_batch_size: int
-) -> TrainData:
-    """The training stream of this rank (see ``trainer.data`` for the contract)."""
-    t0 = time.perf_counter()
-    eos = eos_id(tokenizer, cfg.pack)
-    files = _describe(cfg.train, "data.train", cfg.text_column)
-    units = build_units(files, cfg.max_samples)
-    holdout = cfg.validation_fraction if cfg.validation is None else 0.0
-    spec = StreamSpec(
+def _stream_spec(
+    cfg: DataConfig,
+    files: list[SourceFile],
+    units: list[Any],
+    tokenizer: Any,
+    dist: DistInfo,
+    micro_batch_size: int,
+    split: str,
+    seed: int,
+    holdout: float,
+    eos: int | None,
+) -> StreamSpec:
+    """The stream of one split on this rank; eval runs without dataloader workers."""
+    return StreamSpec(
         files=files,
         units=units,
         tokenizer=tokenizer,
@@ -601,13 +605,25 @@ def build_train_data(
         seed=seed,
         eos_id=eos,
         pad_id=pad_id(tokenizer),
-        split="train",
+        split=split,  # type: ignore[arg-type]
         holdout_fraction=holdout,
         holdout_seed=cfg.validation_seed,
         rank=dist.rank,
         world_size=dist.world_size,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers if split == "train" else 0,
     )
+
+
+def build_train_data(
+    cfg: DataConfig, tokenizer: Any, dist: DistInfo, seed: int, micro_batch_size: int
+) -> TrainData:
+    """The training stream of this rank (see ``trainer.data`` for the contract)."""
+    t0 = time.perf_counter()
+    eos = eos_id(tokenizer, cfg.pack)
+    files = _describe(cfg.train, "data.train", cfg.text_column)
+    units = build_units(files, cfg.max_samples)
+    holdout = cfg.validation_fraction if cfg.validation is None else 0.0
+    spec = _stream_spec(cfg, files, units, tokenizer, dist, micro_batch_size, "train", seed, holdout, eos)
     if spec.total_rows == 0:
         raise DataError(
             f"--data.train holds no rows ({len(files)} files); check the files or --data.max_samples"
@@ -643,25 +659,8 @@ def build_eval_batches(
         units, holdout = build_units(files, cfg.max_samples), cfg.validation_fraction
     else:
         return None
-    spec = StreamSpec(
-        files=files,
-        units=units,
-        tokenizer=tokenizer,
-        text_column=cfg.text_column,
-        max_seq_len=cfg.max_seq_len,
-        micro_batch_size=micro_batch_size,
-        pack=cfg.pack,
-        buffer_size=cfg.buffer_size,
-        seed=0,
-        eos_id=eos,
-        pad_id=pad_id(tokenizer),
-        split="eval",
-        holdout_fraction=holdout,
-        holdout_seed=cfg.validation_seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=0,
-    )
+    # Eval streams in the training process (no workers) with a fixed seed: the same set every time.
+    spec = _stream_spec(cfg, files, units, tokenizer, dist, micro_batch_size, "eval", 0, holdout, eos)
     return EvalBatches(spec, cfg.eval_max_batches)
 
 

@@ -23,6 +23,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   fi
   echo "[env] installing dstrain and its dependencies (log: $LOG)"
   quiet python -m pip install -e ".[dev]"
+  echo "[env] building DeepSpeed's CPU ops (first time on a machine: about 2 minutes)"
+  quiet python scripts/build_ops.py
   touch "$STAMP"
 fi
 export TOKENIZERS_PARALLELISM=false

@@ -6,10 +6,18 @@ world size or device.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger("dstrain")
+
+# A JIT build of a DeepSpeed op (shm_comm at CPU init, fused/cpu Adam) takes minutes at most.
+STALE_LOCK_S = float(os.environ.get("DSTRAIN_STALE_LOCK_S", 600))
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,67 @@ class DistInfo:
         return "nccl" if self.device.startswith("cuda") else "gloo"
 
 
+def extension_build_root() -> Path:
+    """Where torch JIT-builds DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def clear_stale_build_locks(
+    root: Path | None = None, stale_after_s: float = STALE_LOCK_S, poll_s: float = 2.0
+) -> list[Path]:
+    """Wait out JIT-build locks under ``root``; remove those older than ``stale_after_s``.
+
+    torch guards every load of a JIT-built op with ``<op>/lock``, a file that names no process.
+    A process killed while holding it (kill -9, a SLURM time limit, a node failure) leaves it
+    behind, and every later run then waits on it forever inside DeepSpeed's init. A lock held by
+    a live build disappears within minutes, so one older than ``stale_after_s`` is removed with
+    a warning. Returns the locks removed.
+    """
+    root = extension_build_root() if root is None else root
+    if not root.is_dir():
+        return []
+    removed: list[Path] = []
+    warned = False
+    while True:
+        locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
+        waiting = []
+        for lock in locks:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released while we looked
+            if age < stale_after_s:
+                waiting.append(lock)
+                continue
+            log.warning(
+                "removing %s: a build lock %.0f s old, left by a killed process "
+                "(every run would otherwise wait on it forever)",
+                lock,
+                age,
+            )
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+        if not waiting:
+            return removed
+        if not warned:
+            log.warning(
+                "waiting for %s: another process is building a DeepSpeed op, or one was "
+                "killed while holding it (removed once %.0f s old; set "
+                "DSTRAIN_STALE_LOCK_S to change)",
+                waiting[0],
+                stale_after_s,
+            )
+            warned = True
+        time.sleep(poll_s)
+
+
 def init_distributed(dist: DistInfo) -> None:
     """Start the process group (gloo on CPU, nccl on GPU) through DeepSpeed, once."""
     import deepspeed
 
+    clear_stale_build_locks()
     if dist.device.startswith("cuda"):
         torch.cuda.set_device(dist.local_rank)
     if not torch.distributed.is_initialized():

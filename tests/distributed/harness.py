@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,18 +51,43 @@ def deepspeed_cmd(nprocs: int, script: str | Path, args: list[str], port: int | 
     ]
 
 
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Wait for ``proc`` (started with ``start_new_session=True``); on timeout SIGKILL its whole
+    process group, so no orphaned rank outlives the test, and fail with the output's tail."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(map(str, proc.args))} did not finish in {timeout:.0f}s\n"
+            f"--- output\n{(out or '')[-6000:]}\n--- stderr\n{(err or '')[-3000:]}"
+        ) from None
+    return out or "", err or ""
+
+
+def run_group(
+    cmd: list[str], timeout: float = 600, cwd: Path = REPO, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group with the CPU-rank environment; see communicate_or_kill."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=cpu_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err = communicate_or_kill(proc, timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_deepspeed(
     nprocs: int, script: str | Path, args: list[str], timeout: float = 600, check: bool = True, **env: str
 ) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus N script args`` and return the finished process."""
-    proc = subprocess.run(
-        deepspeed_cmd(nprocs, script, args),
-        cwd=REPO,
-        env=cpu_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_group(deepspeed_cmd(nprocs, script, args), timeout=timeout, **env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import TINY_OVERRIDES, make_docs, write_parquet
-from tests.distributed.harness import REPO, cpu_env, deepspeed_cmd
+from tests.distributed.harness import REPO, communicate_or_kill, cpu_env, deepspeed_cmd
 
 MAIN = REPO / "trainer" / "main.py"
 
@@ -83,7 +83,7 @@ def start(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subpro
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    out, _ = communicate_or_kill(proc, timeout)
     return proc.returncode, out
 
 

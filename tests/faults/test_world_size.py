@@ -19,14 +19,13 @@ What is checked, from ``metrics.jsonl`` (``log.doc_ids``: the documents of every
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import make_docs, write_parquet
-from tests.distributed.harness import REPO, cpu_env, deepspeed_cmd
+from tests.distributed.harness import deepspeed_cmd, run_group
 from tests.faults import runs
 
 pytestmark = pytest.mark.distributed
@@ -53,16 +52,8 @@ def root(tmp_path_factory, tiny_tokenizer_dir):
 
 def run_one_rank(recipe: Path, *args: str, timeout: float = 400) -> tuple[int, str]:
     """``deepspeed --num_gpus 1 trainer/main.py --config recipe ...`` (runs.start is 2 ranks)."""
-    proc = subprocess.run(
-        deepspeed_cmd(1, runs.MAIN, ["--config", str(recipe), *args]),
-        cwd=REPO,
-        env=cpu_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout
+    proc = run_group(deepspeed_cmd(1, runs.MAIN, ["--config", str(recipe), *args]), timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])

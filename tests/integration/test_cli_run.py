@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_OVERRIDES
-from tests.distributed.harness import cpu_env
+from tests.distributed.harness import run_group
 
 pytestmark = pytest.mark.distributed
 
@@ -48,14 +47,7 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     dstrain = Path(sys.executable).parent / "dstrain"
-    proc = subprocess.run(
-        [str(dstrain), "run", str(path), "--gpus", "2", "--zero.stage", "3"],
-        cwd=root,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_group([str(dstrain), "run", str(path), "--gpus", "2", "--zero.stage", "3"], cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root / "run", proc
 

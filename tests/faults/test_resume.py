@@ -21,20 +21,29 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("faults")
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def reference(request, root, tiny_tokenizer_dir):
+def run_reference(root, tokenizer_dir, stage: int) -> dict[int, dict]:
     """The uninterrupted 40-step run for a ZeRO stage."""
-    stage = request.param
-    recipe = runs.make_recipe(root, tiny_tokenizer_dir, f"ref_z{stage}", zero={"stage": stage})
+    recipe = runs.make_recipe(root, tokenizer_dir, f"ref_z{stage}", zero={"stage": stage})
     code, out = runs.run(recipe)
     assert code == 0, out[-4000:]
     got = runs.metrics(root / f"ref_z{stage}")
     assert sorted(got) == list(STEPS)
-    return stage, got
+    return got
 
 
-def test_kill9_after_a_save_then_resume_is_exact(reference, root, tiny_tokenizer_dir):
-    stage, want = reference
+@pytest.fixture(scope="module")
+def ref_z2(root, tiny_tokenizer_dir):
+    return run_reference(root, tiny_tokenizer_dir, 2)
+
+
+@pytest.fixture(scope="module")
+def ref_z3(root, tiny_tokenizer_dir):
+    return run_reference(root, tiny_tokenizer_dir, 3)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_kill9_after_a_save_then_resume_is_exact(stage, request, root, tiny_tokenizer_dir):
+    want = request.getfixturevalue(f"ref_z{stage}")
     # Stage 2 dies inside warmup (save at 5, warmup 10); stage 3 at a random later step.
     kill_at = 7 if stage == 2 else random.Random(stage).randint(11, 19)
     name = f"kill_z{stage}"
@@ -48,10 +57,8 @@ def test_kill9_after_a_save_then_resume_is_exact(reference, root, tiny_tokenizer
     runs.assert_same_run(runs.metrics(root / name), want, STEPS)
 
 
-def test_kill_inside_a_save_keeps_latest_on_the_previous_checkpoint(reference, root, tiny_tokenizer_dir):
-    stage, want = reference
-    if stage != 2:
-        pytest.skip("one stage is enough for the save-path fault")
+def test_kill_inside_a_save_keeps_latest_on_the_previous_checkpoint(ref_z2, root, tiny_tokenizer_dir):
+    want = ref_z2
     name = "killsave"
     recipe = runs.make_recipe(root, tiny_tokenizer_dir, name)
     code, out = runs.run(recipe, env={"DSTRAIN_FAULT": "kill_rank1_in_save:10"})
@@ -65,10 +72,8 @@ def test_kill_inside_a_save_keeps_latest_on_the_previous_checkpoint(reference, r
     runs.assert_same_run(runs.metrics(root / name), want, STEPS)
 
 
-def test_sigterm_to_one_rank_saves_the_same_step_everywhere(reference, root, tiny_tokenizer_dir):
-    stage, want = reference
-    if stage != 2:
-        pytest.skip("one stage is enough for the signal path")
+def test_sigterm_to_one_rank_saves_the_same_step_everywhere(ref_z2, root, tiny_tokenizer_dir):
+    want = ref_z2
     name = "sigterm"
     recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"save_every": 100})
     proc = runs.start(recipe)
@@ -86,11 +91,8 @@ def test_sigterm_to_one_rank_saves_the_same_step_everywhere(reference, root, tin
     runs.assert_same_run(runs.metrics(root / name), want, STEPS)
 
 
-def test_config_change_on_resume(reference, root, tiny_tokenizer_dir):
-    stage, want = reference
-    if stage != 2:
-        pytest.skip("one stage is enough for config changes")
-    name = "kill_z2"  # reuse the killed-and-resumed run's checkpoints (step 40 is the newest)
+def test_config_change_on_resume(ref_z2, root, tiny_tokenizer_dir):
+    name = "ref_z2"  # continue the reference run (its step-40 checkpoint) with a changed config
     changed = runs.make_recipe(root, tiny_tokenizer_dir, name, optim={"lr": 1.0e-3}, train={"max_steps": 44})
     code, out = runs.run(changed, "--resume")
     assert code == 0, out[-4000:]
@@ -125,10 +127,8 @@ def test_config_change_on_resume(reference, root, tiny_tokenizer_dir):
     assert errors and "model.overrides changed" in errors[0]
 
 
-def test_export_of_a_zero3_checkpoint_matches_the_engine_export(reference, root):
-    stage, _ = reference
-    if stage != 3:
-        pytest.skip("the ZeRO-3 shards are the case that comes out empty elsewhere")
+def test_export_of_a_zero3_checkpoint_matches_the_engine_export(ref_z3, root):
+    """ZeRO-3 shards are the case that comes out empty elsewhere."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -81,6 +81,7 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until max_steps, the last epoch, or an agreed pre-emption signal."""
         self.throughput = Throughput()
+        self.window_losses: list[float] = []
         self._emit("on_train_start")
         while not self._finished():
             for micro_batches in self._steps_of_epoch():
@@ -104,12 +105,16 @@ class Trainer:
         self.state.tokens_seen += result.tokens
         self.state.target_tokens_seen += result.target_tokens
         self.throughput.add(result.tokens)
+        self.window_losses.append(result.loss)
         if self.state.step % self.job.train.log_every and self.state.step != self.total_steps:
             return
+        # The mean over the steps since the last log (each step's loss is already token-averaged).
+        loss = sum(self.window_losses) / len(self.window_losses)
+        self.window_losses = []
         record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
-            "loss": result.loss,
+            "loss": loss,
             "lr": lr,
             "grad_norm": result.grad_norm,
             "tokens": self.state.tokens_seen,

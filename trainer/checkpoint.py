@@ -42,7 +42,7 @@ STATE_VERSION = 1
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please requeue"; the SLURM template keys on it
-FAULT_ENV = "DSTRAIN_FAULT"  # test-only fault injection, e.g. "kill_rank1_in_save:12"
+FAULT_ENV = "DSTRAIN_FAULT"  # test-only fault injection: "kill_rank1_in_save:12", "signal_rank0_in_save"
 
 
 # ---------------------------------------------------------------- RNG
@@ -270,9 +270,14 @@ def _maybe_inject_fault(point: str, step: int, dist: DistInfo) -> None:
     if not spec:
         return
     name, _, at = spec.partition(":")
-    if name == f"kill_rank{dist.rank}_{point}" and int(at or step) == step:
+    if int(at or step) != step:
+        return
+    if name == f"kill_rank{dist.rank}_{point}":
         log.warning("fault injection: SIGKILL at %s, step %d", point, step)
         os.kill(os.getpid(), signal.SIGKILL)
+    if name == f"signal_rank{dist.rank}_{point}":  # e.g. a second SIGTERM during a pre-emption save
+        log.warning("fault injection: SIGTERM at %s, step %d", point, step)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -73,14 +73,18 @@ def test_kill_inside_a_save_keeps_latest_on_the_previous_checkpoint(ref_z2, root
 
 
 def test_sigterm_to_one_rank_saves_the_same_step_everywhere(ref_z2, root, tiny_tokenizer_dir):
+    """SIGTERM to rank 1 only, and a second SIGTERM to rank 0 inside the save: exit 75, a
+    complete checkpoint, and a resume that is the same run."""
     want = ref_z2
     name = "sigterm"
     recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"save_every": 100})
-    proc = runs.start(recipe)
+    # The only save is the pre-emption one; inside it rank 0 gets a second SIGTERM.
+    proc = runs.start(recipe, env={"DSTRAIN_FAULT": "signal_rank0_in_save"})
     runs.wait_for_step(proc, root / name, 12)
     os.kill(runs.rank_pid(1), signal.SIGTERM)
     code, out = runs.finish(proc)
     assert code == PREEMPTED_EXIT_CODE, out[-4000:]
+    assert "fault injection: SIGTERM at in_save" in out, "the second signal was sent during the save"
     ckpts = root / name / "checkpoints"
     saved = (ckpts / "latest").read_text()
     step = int(saved.split("_")[1])

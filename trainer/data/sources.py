@@ -53,7 +53,7 @@ _JSON_CHUNK_BYTES = 1 << 20
 TOKENS_COLUMN = "input_ids"
 DOC_ID_COLUMN = "doc_id"
 
-_SUFFIXES: dict[str, FileKind] = {
+SUFFIXES: dict[str, FileKind] = {
     ".parquet": "parquet",
     ".pq": "parquet",
     ".jsonl": "jsonl",
@@ -112,7 +112,7 @@ def resolve_paths(specs: Sequence[str], key: str) -> list[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in _SUFFIXES and not p.name.startswith((".", "_"))
+                if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith((".", "_"))
             )
             if not found:
                 raise DataError(f"--{key}: directory {path} holds no .parquet/.jsonl/.json files")
@@ -174,15 +174,17 @@ def open_arrow(path: str) -> pa.ipc.RecordBatchStreamReader:
 
 def file_kind(path: Path) -> FileKind:
     """parquet / jsonl / json from the suffix; a ``.json`` file starting with ``{`` is JSON lines."""
-    kind = _SUFFIXES.get(path.suffix.lower())
+    kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use .parquet, .jsonl or .json")
-    if kind == "json":
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"{"):
-            return "jsonl"
-    return kind
+    return "jsonl" if kind == "json" and json_holds_lines(path) else kind
+
+
+def json_holds_lines(path: Path) -> bool:
+    """Whether a ``.json`` file is JSON lines (starts with ``{``) rather than one JSON array."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"{")
 
 
 def open_parquet(path: str) -> pq.ParquetFile:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainer.data.sources import open_parquet
+from trainer.data.sources import SUFFIXES, json_holds_lines, open_parquet
 from trainer.errors import DataError
 
 Format = Literal["parquet", "jsonl", "json", "csv"]
@@ -33,12 +33,9 @@ Format = Literal["parquet", "jsonl", "json", "csv"]
 TEXT_COLUMN_CANDIDATES = ("text", "content", "completion")
 DOC_ID = "doc_id"
 
+#: What the trainer reads (less Arrow files), plus csv, which only the tools convert.
 _SUFFIXES: dict[str, Format] = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
+    **{suffix: kind for suffix, kind in SUFFIXES.items() if kind != "arrow"},
     ".csv": "csv",
     ".tsv": "csv",
 }
@@ -56,12 +53,7 @@ def detect_format(path: str | Path) -> Format:
             f"{path}: unknown data format {path.suffix!r}; use one of "
             f"{', '.join(sorted(_SUFFIXES))} (rename the file to say what it holds)"
         )
-    if fmt == "json":
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"{"):
-            return "jsonl"
-    return fmt
+    return "jsonl" if fmt == "json" and json_holds_lines(path) else fmt
 
 
 def resolve_inputs(specs: Sequence[str | Path], suffixes: Sequence[str] | None = None) -> list[Path]:

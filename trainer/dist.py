@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import ConfigError
+
 log = logging.getLogger("dstrain")
 
 # A JIT build of a DeepSpeed op (shm_comm at CPU init, fused/cpu Adam) takes minutes at most.
-STALE_LOCK_S = float(os.environ.get("DSTRAIN_STALE_LOCK_S", 600))
+STALE_LOCK_ENV, STALE_LOCK_DEFAULT_S = "DSTRAIN_STALE_LOCK_S", 600.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def extension_build_root() -> Path:
 
 
 def clear_stale_build_locks(
-    root: Path | None = None, stale_after_s: float = STALE_LOCK_S, poll_s: float = 2.0
+    root: Path | None = None, stale_after_s: float | None = None, poll_s: float = 2.0
 ) -> list[Path]:
     """Wait out JIT-build locks under ``root``; remove those older than ``stale_after_s``.
 
@@ -63,8 +65,14 @@ def clear_stale_build_locks(
     A process killed while holding it (kill -9, a SLURM time limit, a node failure) leaves it
     behind, and every later run then waits on it forever inside DeepSpeed's init. A lock held by
     a live build disappears within minutes, so one older than ``stale_after_s`` is removed with
-    a warning. Returns the locks removed.
+    a warning (``stale_after_s`` defaults to ``$DSTRAIN_STALE_LOCK_S``, 600). Returns the locks removed.
     """
+    if stale_after_s is None:
+        raw = os.environ.get(STALE_LOCK_ENV, str(STALE_LOCK_DEFAULT_S))
+        try:
+            stale_after_s = float(raw)
+        except ValueError:
+            raise ConfigError(f"${STALE_LOCK_ENV}={raw!r} is not a number of seconds") from None
     root = extension_build_root() if root is None else root
     if not root.is_dir():
         return []

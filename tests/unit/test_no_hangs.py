@@ -62,3 +62,11 @@ def test_a_hung_launch_fails_and_leaves_no_process_behind(tmp_path: Path) -> Non
         time.sleep(0.05)  # SIGKILL is delivered asynchronously; the zombie is reaped by init
     state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}").exists() else "gone"
     assert state in ("gone", "Z"), state
+
+
+def test_a_bad_stale_lock_setting_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    from trainer.errors import ConfigError
+
+    monkeypatch.setenv("DSTRAIN_STALE_LOCK_S", "ten minutes")
+    with pytest.raises(ConfigError, match=r"\$DSTRAIN_STALE_LOCK_S='ten minutes' is not a number"):
+        clear_stale_build_locks(tmp_path)

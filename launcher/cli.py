@@ -29,7 +29,6 @@ from launcher.launch import (
     run_and_wait,
     visible_cuda_devices,
 )
-from launcher.zero import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
 from trainer.config import (
     RECIPES_DIR,
     JobConfig,
@@ -39,6 +38,7 @@ from trainer.config import (
     parse_overrides,
     save_run_yaml,
 )
+from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
 from trainer.errors import ConfigError, DstrainError
 
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).

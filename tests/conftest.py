@@ -1,58 +1,36 @@
-"""Shared fixtures: a tiny tokenizer, generated parquet with traceable doc ids, ../shared."""
+"""Shared fixtures: a tiny tokenizer and generated parquet with traceable doc ids.
+
+The functions behind them live in :mod:`tests.helpers`; process launching in :mod:`tests.launch`.
+"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
-# The architecture every tiny test model uses (hidden 64, 2 layers).
-TINY_OVERRIDES = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-}
-WORDS = "the of and to in is was for on that with as by at from his her an which are this be".split()
+from tests.helpers import SHARED_DATA, make_docs, train_tokenizer, write_parquet
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared/data, or a clean skip when the checkout has no ../shared."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is not available (../shared is absent)")
-    return path
+def pytest_collection_modifyitems(config, items):
+    """A test that reads ../shared/data must say so with ``@pytest.mark.shared_data`` (one of its
+    parametrizations, at least), so ``-m "not shared_data"`` is what a clean checkout runs."""
+    marked = {item.originalname for item in items if item.get_closest_marker("shared_data")}
+    for item in items:
+        source = getattr(item.function, "__code__", None)
+        uses_shared = source is not None and "shared_path" in (*source.co_names, *source.co_varnames)
+        if uses_shared and item.originalname not in marked:
+            raise pytest.UsageError(f"{item.nodeid} calls shared_path() without @pytest.mark.shared_data")
 
 
-def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
-        for i in range(n)
-    ]
-
-
-def write_parquet(path: Path, docs: list[str], first_id: int = 0, row_group_size: int = 32) -> Path:
-    ids = pa.array(range(first_id, first_id + len(docs)), pa.int64())
-    pq.write_table(pa.table({"doc_id": ids, "text": pa.array(docs)}), path, row_group_size=row_group_size)
-    return path
+def pytest_report_header(config):
+    return f"shared data: {SHARED_DATA} ({'present' if SHARED_DATA.is_dir() else 'absent: shared_data tests skip'})"
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE trained on generated text, saved as an HF tokenizer dir."""
-    from trainer.tokenizer import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(make_docs(400, seed=1), out, vocab_size=512)
-    return out
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"), vocab_size=512)
 
 
 @pytest.fixture(scope="session")

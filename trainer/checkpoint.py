@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from trainer.config import JobConfig, build_config
-from trainer.dist import DistInfo, all_reduce_max
+from trainer.dist import DistInfo
 from trainer.errors import CheckpointError
 
 log = logging.getLogger("dstrain")
@@ -41,7 +41,6 @@ log = logging.getLogger("dstrain")
 STATE_VERSION = 1
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please requeue"; the SLURM template keys on it
 FAULT_ENV = "DSTRAIN_FAULT"  # test-only fault injection: "kill_rank1_in_save:12", "signal_rank0_in_save"
 
 
@@ -226,40 +225,6 @@ def check_resume_config(saved: JobConfig, current: JobConfig) -> tuple[dict[str,
     if any(k.startswith(("optim.", "schedule.", "train.max_steps", "train.epochs")) for k in diff):
         log.warning("optimizer/schedule settings changed: the new values apply from the resumed step on")
     return diff, reset_data
-
-
-# ---------------------------------------------------------------- pre-emption
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; ranks agree on it at the step boundary (all-reduce), so a
-    signal seen by one rank only still makes every rank save the same step and stop."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # Only set a flag: no I/O, no collectives, no input() in a handler. A second signal
-        # during the save lands here too and changes nothing.
-        self.requested = True
-        self.signum = signum
-
-    def agreed(self, dist: DistInfo) -> bool:
-        (flag,) = all_reduce_max([float(self.requested)], dist)
-        return bool(flag)
 
 
 # ---------------------------------------------------------------- save / load

@@ -7,8 +7,8 @@ from typing import Any
 import deepspeed
 import torch
 
-from launcher.zero import Precision, build_ds_config
 from trainer.config import JobConfig
+from trainer.ds_config import Precision, build_ds_config
 from trainer.optim import build_optimizer, make_scheduler, param_groups
 
 

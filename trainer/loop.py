@@ -134,7 +134,7 @@ class Trainer:
         save_due = bool(train.save_every and step % train.save_every == 0) or (new_best and train.keep_best)
         if self.checkpointer and save_due:
             self._save()
-        if self.preemption is not None and self.preemption.agreed(self.dist):
+        if self.preemption is not None and all_reduce_max([float(self.preemption.requested)], self.dist)[0]:
             log.warning("pre-emption signal received: saving step %d and stopping", step)
             if self.checkpointer and self.last_save_step != step:
                 self._save()

@@ -52,21 +52,20 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
     """Build the parts and train; returns the exit code. Imports are local so `--help` and
     config errors stay fast."""
 
-    from launcher.zero import resolve_precision, write_ds_config
     from trainer.checkpoint import (
-        PREEMPTED_EXIT_CODE,
         Checkpointer,
-        Preemption,
         export_hf,
         prepare_universal,
         resolve_resume,
         saved_world_size,
     )
     from trainer.data import build_eval_batches, build_train_data
+    from trainer.ds_config import resolve_precision, write_ds_config
     from trainer.engine import build_engine
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
+    from trainer.signals import PREEMPTED_EXIT_CODE, Preemption
     from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
 

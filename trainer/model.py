@@ -1,7 +1,7 @@
 """Model setup: tokenizer, architecture, attention backend, precision, gradient checkpointing.
 
 Each feature is a function with one capability check and an explicit fallback:
-:func:`select_attention`, :func:`apply_gradient_checkpointing` (precision: ``launcher.zero.resolve_precision``).
+:func:`select_attention`, :func:`apply_gradient_checkpointing` (precision: ``trainer.ds_config.resolve_precision``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from launcher.zero import Precision
 from trainer.config import JobConfig, ModelConfig
+from trainer.ds_config import Precision
 from trainer.errors import ConfigError
 
 log = logging.getLogger("dstrain")

@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.distributed.harness import REPO, cpu_env, free_port
-from tests.unit.data_fixtures import load_tokenizer, make_docs, train_tokenizer_file, write_corpus
+from tests.helpers import REPO, load_tokenizer_file, make_docs, train_tokenizer, write_corpus
+from tests.launch import cpu_env, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -164,7 +164,7 @@ def rank_main(argv: list[str]) -> None:
     work, rank = Path(work_s), int(rank_s)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        tok = load_tokenizer(work / "tok" / "tokenizer.json")
+        tok = load_tokenizer_file(work / "tok" / "tokenizer.json")
         result = _rank_run(work, rank, tok) if phase == "run" else _rank_resume(work, rank, tok)
         (work / f"{phase}-rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -211,7 +211,9 @@ def _launch(phase: str, work: Path, timeout: float = 300) -> list[dict]:
 def _write_imbalanced(out: Path) -> None:
     """Two row groups, one of long docs and one of short docs: the ranks' token counts differ a lot."""
     out.mkdir(parents=True)
-    docs = make_docs(20, seed=1, min_words=60, max_words=80) + make_docs(20, seed=2, min_words=2, max_words=4)
+    docs = make_docs(20, seed=1, min_words=60, max_words=80, numbered=False) + make_docs(
+        20, seed=2, min_words=2, max_words=4, numbered=False
+    )
     table = pa.table({"doc_id": list(range(500, 540)), "text": docs})
     pq.write_table(table, out / "skewed.parquet", row_group_size=20)
 
@@ -219,14 +221,16 @@ def _write_imbalanced(out: Path) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("data_dist")
-    train_tokenizer_file(work / "tok")
+    train_tokenizer(work / "tok", vocab_size=384, seed=99)
     for _, files in GRID:
         if not (work / f"grid-{files}").exists():
             write_corpus(work / f"grid-{files}", files, 90 // files + 3, row_group_size=6, seed=files)
     _write_imbalanced(work / "grid-imbalanced")
     write_corpus(work / "resume", 4, 1200, row_group_size=50, seed=5)
     (work / "bad").mkdir()
-    lines = [json.dumps({"text": t}) for t in make_docs(40, seed=3)] + ['{"text": oops']
+    lines = [
+        json.dumps({"text": t}) for t in make_docs(40, seed=3, min_words=3, max_words=40, numbered=False)
+    ] + ['{"text": oops']
     (work / "bad" / "tail.jsonl").write_text("\n".join(lines) + "\n")
     t0 = time.perf_counter()
     run = _launch("run", work)

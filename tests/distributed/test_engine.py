@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.harness import REPO, read_results, run_deepspeed
-from tests.distributed.workers.common import global_rows, padded_batch, tiny_job, tiny_model
+from tests.distributed.workers.common import global_rows, padded_batch, tiny_job
+from tests.helpers import REPO, tiny_model
+from tests.launch import read_results, run_deepspeed
 from trainer.optim import build_optimizer, make_scheduler
 
 pytestmark = pytest.mark.distributed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -11,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY_OVERRIDES, make_docs, write_parquet
-from tests.distributed.harness import REPO, communicate_or_kill, cpu_env, deepspeed_cmd
+from tests.helpers import REPO, TINY_OVERRIDES, make_docs, write_parquet
+from tests.launch import communicate_or_kill, deepspeed_cmd, kill_group
+from tests.launch import start as start_group
 
 MAIN = REPO / "trainer" / "main.py"
 
@@ -70,16 +70,8 @@ def make_recipe(root: Path, tokenizer_dir: Path, name: str, **sections: dict) ->
 
 
 def start(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = deepspeed_cmd(2, MAIN, ["--config", str(recipe), *args])
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=cpu_env(**(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, so killpg reaches every rank
-    )
+    """``deepspeed --num_gpus 2 trainer/main.py --config RECIPE ARGS`` in its own process group."""
+    return start_group(deepspeed_cmd(2, MAIN, ["--config", str(recipe), *args]), **(env or {}))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -118,7 +110,7 @@ def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: 
 
 
 def kill_all(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_group(proc, signal.SIGKILL)
     proc.wait(timeout=60)
 
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.faults import runs
-from trainer.checkpoint import PREEMPTED_EXIT_CODE
+from trainer.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 STEPS = range(1, 41)

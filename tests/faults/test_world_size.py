@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_docs, write_parquet
-from tests.distributed.harness import deepspeed_cmd, run_group
 from tests.faults import runs
+from tests.helpers import make_docs, write_parquet
+from tests.launch import deepspeed_cmd, run_group
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 40

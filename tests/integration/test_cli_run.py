@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_OVERRIDES
-from tests.distributed.harness import run_group
+from tests.helpers import TINY_OVERRIDES
+from tests.launch import run_group
 
 pytestmark = pytest.mark.distributed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import make_docs
+from tests.helpers import make_docs
 from trainer.data import build_train_data
 from trainer.data.config import DataConfig
 from trainer.data.sources import resolve_paths
@@ -66,11 +66,11 @@ def test_unreadable_arrow_file_is_a_one_line_error(tmp_path, tiny_tokenizer_dir)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("which", ["tiny", pytest.param("qwen", marks=pytest.mark.shared_data)])
 def test_backend_encoding_equals_the_tokenizer_call(which, tiny_tokenizer_dir):
     import json
 
-    from tests.conftest import shared_path
+    from tests.helpers import shared_path
     from trainer.data.tokenize import encode_texts
 
     if which == "qwen":

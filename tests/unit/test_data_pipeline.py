@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.unit.data_fixtures import (
-    SHARED,
-    load_tokenizer,
+from tests.helpers import (
+    load_tokenizer_file,
     make_docs,
-    train_tokenizer_file,
+    shared_path,
+    train_tokenizer,
     write_corpus,
     write_json_records,
 )
@@ -34,12 +34,12 @@ ONE = DistInfo()
 
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
-    return train_tokenizer_file(tmp_path_factory.mktemp("data_tok"))
+    return train_tokenizer(tmp_path_factory.mktemp("data_tok"), vocab_size=384, seed=99) / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")
 def tok(tokenizer_file):
-    return load_tokenizer(tokenizer_file)
+    return load_tokenizer_file(tokenizer_file)
 
 
 def cfg_for(paths, **kw) -> DataConfig:
@@ -168,7 +168,7 @@ def _doc_starts(batches, eos_id: int) -> list[int]:
 def test_long_document_is_chunked(tmp_path, tok):
     """A document longer than the whole buffer (in tokens) streams through in chunks, none lost."""
     long_doc = " ".join(["river stone light"] * 400)
-    docs = make_docs(20) + [long_doc]
+    docs = make_docs(20, min_words=3, max_words=40, numbered=False) + [long_doc]
     path = tmp_path / "long.parquet"
     pq.write_table(pa.table({"doc_id": list(range(len(docs))), "text": docs}), path, row_group_size=8)
     n_long = len(encode_texts(tok, [long_doc])[0]) + 1
@@ -290,7 +290,7 @@ def test_json_and_jsonl_sources(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(sources, "JSON_ROWS_PER_GROUP", 7)  # several groups per file
     monkeypatch.setattr(sources, "_JSON_CHUNK_BYTES", 64)  # records and UTF-8 chars span read chunks
-    docs = make_docs(30, seed=4)
+    docs = make_docs(30, seed=4, min_words=3, max_words=40, numbered=False)
     docs[3] = '含有中文的文本，以及 emoji 🙂 和 "quotes" ]} 符号'
     records = [{"completion": d} for d in docs]
     arr = write_json_records(tmp_path / "a.json", records, lines=False)
@@ -343,7 +343,12 @@ def test_bad_inputs_are_one_line_data_errors(tmp_path, tok):
             build_train_data(cfg_for(paths, **kw), tok, ONE, 0, 2)
         assert "\n" not in str(err.value)
     corrupt = tmp_path / "corrupt.parquet"
-    pq.write_table(pa.table({"text": make_docs(400)}), corrupt, row_group_size=100, compression="snappy")
+    pq.write_table(
+        pa.table({"text": make_docs(400, min_words=3, max_words=40, numbered=False)}),
+        corrupt,
+        row_group_size=100,
+        compression="snappy",
+    )
     raw = bytearray(corrupt.read_bytes())
     third = len(raw) // 3
     raw[third : third + 200] = bytes((x * 7 + 13) % 256 for x in raw[third : third + 200])
@@ -361,7 +366,7 @@ def test_bad_inputs_are_one_line_data_errors(tmp_path, tok):
 
 def test_tokenizer_without_eos(tmp_path, tokenizer_file):
     good = write_corpus(tmp_path, 1, 10)
-    no_eos = load_tokenizer(tokenizer_file, with_eos=False)
+    no_eos = load_tokenizer_file(tokenizer_file, with_eos=False)
     with pytest.raises(DataError, match=r"no eos_token.*--data.pack false"):
         build_train_data(cfg_for(good), no_eos, ONE, 0, 2)
     data = build_train_data(cfg_for(good, pack=False, max_seq_len=512), no_eos, ONE, 0, 2)
@@ -399,12 +404,11 @@ def test_config_validation():
 # ------------------------------------------------------------------------------ real samples
 
 
+@pytest.mark.shared_data
 def test_zhwiki_sample_with_qwen_tokenizer():
     """The real zh-wiki JSON array and the real Qwen2.5 tokenizer (skips without ../shared)."""
-    sample = SHARED / "data" / "zhwiki-sample" / "wikipedia-cn-sample.json"
-    qwen = SHARED / "data" / "qwen2.5-0.5b"
-    if not sample.exists() or not qwen.exists():
-        pytest.skip("../shared/data is not available")
+    sample = shared_path("zhwiki-sample", "wikipedia-cn-sample.json")
+    qwen = shared_path("qwen2.5-0.5b")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(qwen)
@@ -474,9 +478,11 @@ def rss_probe(path: str, tokenizer_file: str) -> None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    tok = load_tokenizer(Path(tokenizer_file))
+    tok = load_tokenizer_file(Path(tokenizer_file))
     data = build_train_data(cfg_for([path], buffer_size=256, max_seq_len=256), tok, ONE, 0, 4)
-    encode_texts(tok, make_docs(50))  # warm the tokenizer's allocations before the baseline
+    encode_texts(
+        tok, make_docs(50, min_words=3, max_words=40, numbered=False)
+    )  # warm the tokenizer's allocations before the baseline
     before = high = resident()
     n = 0
     for _ in data:
@@ -496,11 +502,11 @@ def test_peak_memory_does_not_grow_with_file_size(tmp_path, tokenizer_file):
     import subprocess
     import sys
 
-    from tests.unit.data_fixtures import REPO
+    from tests.helpers import REPO
 
     runs = {}
     for scale in (1, 4):
-        docs = make_docs(700 * scale, seed=scale, min_words=120, max_words=200)
+        docs = make_docs(700 * scale, seed=scale, min_words=120, max_words=200, numbered=False)
         path = tmp_path / f"x{scale}.parquet"
         pq.write_table(pa.table({"text": docs}), path, row_group_size=256)
         code = f"from tests.unit.test_data_pipeline import rss_probe; rss_probe({str(path)!r}, {str(tokenizer_file)!r})"

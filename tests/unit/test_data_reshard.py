@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.distributed.harness import free_port
-from tests.unit.data_fixtures import load_tokenizer, make_docs, train_tokenizer_file
+from tests.helpers import load_tokenizer_file, make_docs, train_tokenizer
+from tests.launch import free_port
 from trainer.data import build_eval_batches, build_train_data, encode_texts
 from trainer.data.config import DataConfig
 from trainer.data.sharding import deal_ranges, merge_ranges, ranges_rows
@@ -54,7 +54,9 @@ def gloo():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return load_tokenizer(train_tokenizer_file(tmp_path_factory.mktemp("reshard_tok")))
+    return load_tokenizer_file(
+        train_tokenizer(tmp_path_factory.mktemp("reshard_tok"), vocab_size=384, seed=99) / "tokenizer.json"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def corpus(tmp_path_factory, tok) -> tuple[list[Path], dict[int, int]]:
     out = tmp_path_factory.mktemp("reshard_corpus")
     paths, lengths, next_id = [], {}, 100
     for f in range(3):
-        docs = make_docs(70, seed=20 + f, min_words=2, max_words=12)
+        docs = make_docs(70, seed=20 + f, min_words=2, max_words=12, numbered=False)
         ids = list(range(next_id, next_id + len(docs)))
         path = out / f"part-{f}.parquet"
         pq.write_table(pa.table({"doc_id": ids, "text": docs}), path, row_group_size=7)
@@ -166,7 +168,7 @@ def test_documents_cut_at_a_block_end_and_old_state_layout(gloo, tok, tmp_path):
     """Documents of several chunks: a shuffle block can end inside one, whose remaining chunks
     travel with the leftover. States written before re-sharding existed (no ``ranges``,
     ``block_end``, ``leftovers``, ``reshard``) re-shard the same way, by re-reading the block."""
-    docs = make_docs(60, seed=7, min_words=10, max_words=70)
+    docs = make_docs(60, seed=7, min_words=10, max_words=70, numbered=False)
     path = tmp_path / "long.parquet"
     pq.write_table(pa.table({"doc_id": list(range(60)), "text": docs}), path, row_group_size=5)
     lengths = dict(enumerate(len(t) for t in encode_texts(tok, docs)))

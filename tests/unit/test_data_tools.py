@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import make_docs, shared_path, write_parquet
+from tests.helpers import make_docs, shared_path, write_parquet
 from trainer.data.sharding import held_out
 from trainer.data.tools import main, normalized_hashes
 from trainer.data.tools_io import iter_json_array

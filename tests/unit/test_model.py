@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from launcher.zero import resolve_precision
-from tests.conftest import TINY_OVERRIDES, shared_path
+from tests.helpers import TINY_OVERRIDES, shared_path, tiny_model
 from trainer.config import build_config
+from trainer.ds_config import resolve_precision
 from trainer.errors import ConfigError
 from trainer.model import (
     PRESETS_DIR,
@@ -18,6 +18,7 @@ from trainer.model import (
 from trainer.tokenizer import load_tokenizer
 
 
+@pytest.mark.shared_data
 def test_qwen_preset_matches_the_real_config():
     real = json.loads(shared_path("qwen2.5-0.5b", "config.json").read_text())
     preset = json.loads((PRESETS_DIR / "qwen2.5-0.5b.json").read_text())
@@ -37,6 +38,22 @@ def test_pretrain_model_takes_overrides_and_rounds_vocab(tiny_tokenizer_dir):
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
 
 
+def test_qwen_preset_has_the_published_parameter_counts():
+    """Without ../shared: the preset builds Qwen2.5-0.5B as its model card describes it
+    (0.49B parameters, 0.36B of them outside the tied embedding), counted on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads((PRESETS_DIR / "qwen2.5-0.5b.json").read_text())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert round(total / 1e9, 2) == 0.49 and round((total - embedding) / 1e9, 2) == 0.36
+    assert config.tie_word_embeddings and config.vocab_size == 151936
+
+
+@pytest.mark.shared_data
 def test_real_qwen_tokenizer_loads_from_a_local_dir():
     tok = load_tokenizer(str(shared_path("qwen2.5-0.5b")))
     assert tok.eos_token == "<|endoftext|>" and len(tok) == 151665
@@ -66,7 +83,6 @@ def test_attention_and_precision_fall_back_on_cpu():
 
 
 def test_gradient_checkpointing_keeps_gradients_identical():
-    from tests.distributed.workers.common import tiny_model
 
     ids = torch.arange(1, 33).view(2, 16)
     grads = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import run_group
+from tests.launch import run_group
 from trainer.dist import clear_stale_build_locks
 
 

@@ -53,7 +53,7 @@ def test_scheduler_steps_follow_lr_factor():
 
 
 def test_no_weight_decay_on_biases_and_norms_and_muon_tags_hidden_matrices():
-    from tests.distributed.workers.common import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model()
     groups = param_groups(model, OptimConfig(name="muon"))

@@ -1,4 +1,4 @@
-"""launcher.zero: the JobConfig -> DeepSpeed JSON mapping, its golden templates, and DeepSpeed's
+"""trainer.ds_config: the JobConfig -> DeepSpeed JSON mapping, its golden templates, and DeepSpeed's
 own parser accepting every template."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from launcher.zero import (
+from trainer.config import JobConfig, build_config
+from trainer.ds_config import (
     TEMPLATES,
     TEMPLATES_DIR,
     build_ds_config,
@@ -17,7 +18,6 @@ from launcher.zero import (
     stale_templates,
     template_configs,
 )
-from trainer.config import JobConfig, build_config
 from trainer.errors import ConfigError
 
 
@@ -147,7 +147,7 @@ def test_templates_match_build_ds_config(tmp_path) -> None:
     for path in written:
         repo_file = TEMPLATES_DIR / path.name
         assert path.read_text() == repo_file.read_text(), (
-            f"{repo_file} is stale: run python -m launcher.zero --regenerate and review the diff"
+            f"{repo_file} is stale: run python -m trainer.ds_config --regenerate and review the diff"
         )
     assert stale_templates() == []
 

@@ -51,24 +51,29 @@ tokenization. ``datasets`` (save_to_disk / hub) sources are not supported: conve
 parquet (``Dataset.to_parquet``).
 """
 
-from trainer.data.packing import Batch
-from trainer.data.pipeline import (
-    EvalBatches,
-    TrainData,
-    TrainDataState,
-    build_eval_batches,
-    build_train_data,
-)
-from trainer.data.sources import write_tokenized_shard
-from trainer.data.tokenize import encode_texts
+from __future__ import annotations
 
-__all__ = [
-    "Batch",
-    "EvalBatches",
-    "TrainData",
-    "TrainDataState",
-    "build_eval_batches",
-    "build_train_data",
-    "encode_texts",
-    "write_tokenized_shard",
-]
+import importlib
+from typing import Any
+
+# Lazy exports: ``trainer.data.config`` (imported by ``trainer.config``, hence by ``dstrain
+# --help`` and every config error) must not pay for torch, torchdata and pyarrow.
+_EXPORTS = {
+    "Batch": "trainer.data.packing",
+    "EvalBatches": "trainer.data.pipeline",
+    "TrainData": "trainer.data.pipeline",
+    "TrainDataState": "trainer.data.pipeline",
+    "build_eval_batches": "trainer.data.pipeline",
+    "build_train_data": "trainer.data.pipeline",
+    "encode_texts": "trainer.data.tokenize",
+    "write_tokenized_shard": "trainer.data.sources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -58,6 +58,7 @@ from trainer.data.stream import (
 from trainer.data.tokenize import encode_texts, eos_id, pad_id, tokenizer_fingerprint
 from trainer.dist import DistInfo
 from trainer.errors import DataError
+from trainer.signals import ignore_stop_signals
 
 log = logging.getLogger("dstrain.data")  # under the trainer's logger: rank 0's INFO lines reach train.log
 
@@ -175,6 +176,7 @@ class TrainData:
                 prefetch_factor=2 if workers else None,
                 persistent_workers=False,
                 snapshot_every_n_steps=1,  # worker states are a few integers: snapshot every batch
+                worker_init_fn=ignore_stop_signals,  # the rank's main process decides on a stop signal
             )
 
     def _agree(self, status: int) -> int:

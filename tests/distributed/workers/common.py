@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from trainer.config import JobConfig, build_config
 
 VOCAB = 128
 SEQ = 24
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """Qwen2 architecture, hidden 64, 2 layers, fp32, sdpa: the shape every engine test uses."""
-    config = Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def tiny_job(stage: int, micro: int, accum: int, steps: int = 10, **optim: object) -> JobConfig:

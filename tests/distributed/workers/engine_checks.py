@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed.harness import worker_args
-from tests.distributed.workers.common import global_rows, micro_batches, tiny_job, tiny_model
+from tests.distributed.workers.common import global_rows, micro_batches, tiny_job
+from tests.helpers import tiny_model
+from tests.launch import worker_args
 from trainer.checkpoint import consolidated_state_dict, export_hf
 from trainer.dist import DistInfo, init_distributed
 from trainer.engine import build_engine

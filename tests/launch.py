@@ -1,4 +1,5 @@
-"""Launch real multi-process DeepSpeed on CPU and collect what the ranks wrote.
+"""The one way tests start processes: real multi-process DeepSpeed (or the CLI) on CPU, each
+launch in its own process group, killed whole on timeout or failure.
 
 Process start-up (imports, DeepSpeed init) costs 10-20 s here, so one launch runs several
 checks; each rank writes ``rank<N>.json`` into the results dir for pytest to assert on.
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def free_port() -> int:
@@ -38,10 +39,14 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def venv_bin(name: str) -> str:
+    """A console script of this interpreter's environment (``deepspeed``, ``dstrain``, ``torchrun``)."""
+    return str(Path(sys.executable).parent / name)
+
+
 def deepspeed_cmd(nprocs: int, script: str | Path, args: list[str], port: int | None = None) -> list[str]:
-    launcher = Path(sys.executable).parent / "deepspeed"
     return [
-        str(launcher),
+        venv_bin("deepspeed"),
         "--num_gpus",
         str(nprocs),
         "--master_port",
@@ -51,34 +56,50 @@ def deepspeed_cmd(nprocs: int, script: str | Path, args: list[str], port: int | 
     ]
 
 
+def start(cmd: list[str], cwd: Path = REPO, merge_stderr: bool = True, **env: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so :func:`kill_group` reaches every process it
+    spawns) with the CPU-rank environment; output is captured as text."""
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=cpu_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``proc``'s whole process group (no-op once it is gone)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """Wait for ``proc`` (started with ``start_new_session=True``); on timeout SIGKILL its whole
-    process group, so no orphaned rank outlives the test, and fail with the output's tail."""
+    """Wait for ``proc`` (started by :func:`start`); on timeout SIGKILL its whole process
+    group, so no orphaned rank outlives the test, and fail with the output's tail."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(
             f"{' '.join(map(str, proc.args))} did not finish in {timeout:.0f}s\n"
             f"--- output\n{(out or '')[-6000:]}\n--- stderr\n{(err or '')[-3000:]}"
         ) from None
+    finally:
+        kill_group(proc)  # whatever it left behind (an orphaned rank) goes too
     return out or "", err or ""
 
 
 def run_group(
     cmd: list[str], timeout: float = 600, cwd: Path = REPO, **env: str
 ) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group with the CPU-rank environment; see communicate_or_kill."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=cpu_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    """Run ``cmd`` to the end with separate stdout/stderr; see :func:`communicate_or_kill`."""
+    proc = start(cmd, cwd=cwd, merge_stderr=False, **env)
     out, err = communicate_or_kill(proc, timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

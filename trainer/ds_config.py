@@ -4,7 +4,7 @@
 the resolved precision) to the dict ``deepspeed.initialize(config=...)`` takes. It reads no
 files and no hardware: the caller passes ``precision`` and ``on_gpu``. The files in
 ``ds_configs/`` are its outputs for a fixed reference job (see ``ds_configs/README.md``);
-``python -m launcher.zero --regenerate`` rewrites them and ``tests/unit/test_zero_config.py``
+``python -m trainer.ds_config --regenerate`` rewrites them and ``tests/unit/test_zero_config.py``
 fails when they drift.
 
 What the trainer owns, and so is *not* in the JSON: the LR scheduler (always passed to
@@ -240,9 +240,9 @@ def stale_templates(templates_dir: str | Path = TEMPLATES_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launcher.zero --regenerate | --check [--dir DIR]``."""
+    """``python -m trainer.ds_config --regenerate | --check [--dir DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m launcher.zero", description="Rewrite or check the golden ZeRO templates."
+        prog="python -m trainer.ds_config", description="Rewrite or check the golden ZeRO templates."
     )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--regenerate", action="store_true", help="Rewrite the template files.")
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = stale_templates(args.dir)
     if stale:
         print(
-            f"stale ZeRO templates in {args.dir}: {', '.join(stale)}; run python -m launcher.zero --regenerate"
+            f"stale ZeRO templates in {args.dir}: {', '.join(stale)}; run python -m trainer.ds_config --regenerate"
         )
         return 1
     print(f"{len(TEMPLATES)} ZeRO templates in {args.dir} are up to date")

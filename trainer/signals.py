@@ -1,0 +1,50 @@
+"""Pre-emption signals: SIGTERM, SIGUSR1 and SIGINT belong to each rank's main process.
+
+A scheduler (SLURM, Kubernetes, a user's Ctrl-C) asks a job to stop by signalling it; the
+job should save and exit :data:`PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "saved, requeue me").
+The handler only sets a flag (no I/O, no collective, never ``input()``); the ranks agree on it
+at the next optimizer-step boundary, so a signal seen by one rank only still makes every rank
+save the same step. Dataloader workers ignore these signals (:func:`ignore_stop_signals` is
+their ``worker_init_fn``): a worker killed by a signal sent to the whole process group would
+otherwise take the rank down before it could save.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please requeue"; the SLURM template keys on it
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(*_: Any) -> None:
+    """Ignore the stop signals in this process (a dataloader worker's ``worker_init_fn``)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class Preemption:
+    """Stop signals set :attr:`requested`; the Trainer reduces it over ranks at the step boundary."""
+
+    SIGNALS = STOP_SIGNALS
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Only set a flag: no I/O, no collectives, no input() in a handler. A second signal
+        # during the save lands here too and changes nothing.
+        self.requested = True
+        self.signum = signum

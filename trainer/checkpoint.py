@@ -1,11 +1,11 @@
-"""Checkpoints that never lie: atomic saves, exact resume, pre-emption, HF export.
+"""Checkpoints that never lie: atomic saves of named stateful parts, resume resolution, pruning.
 
 Layout under ``<output_dir>/checkpoints/``::
 
     step_<N>/                 one save
-      <DeepSpeed files>       engine state (model, optimizer, scheduler), from save_checkpoint
-      dstrain_rank<R>.pt      rank R's data-pipeline state and RNG states (python, numpy, torch, cuda)
-      trainer_state.json      counters (step, epoch, tokens seen), world size, version
+      <DeepSpeed files>       the engine (model, optimizer, scheduler), from save_checkpoint
+      dstrain_rank<R>.pt      rank R's parts (data position, RNG states): {"parts": {name: state}}
+      trainer_state.json      the shared parts (the Trainer's counters), world size, precision, version
       run.yaml                the resolved config of the run that saved it
       hf_config/  tokenizer/  what `dstrain export` needs to rebuild an HF model offline
       COMPLETE                written by rank 0 after every rank finished writing
@@ -13,6 +13,8 @@ Layout under ``<output_dir>/checkpoints/``::
 
 A directory without ``COMPLETE`` is never loaded (a crash or a kill in the middle of a save
 leaves one); ``latest`` only moves once the new save is complete, and pruning happens after.
+The :class:`Checkpointer` knows the parts only by name and protocol (``trainer.state``): the
+engine (DeepSpeed writes its own files, collectively), shared parts and per-rank parts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +36,51 @@ import numpy as np
 import torch
 
 from trainer.config import JobConfig, build_config
-from trainer.dist import DistInfo
+from trainer.dist import DistInfo, barrier
 from trainer.errors import CheckpointError
+from trainer.state import RankStateful, RankStates, Stateful
 
 log = logging.getLogger("dstrain")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
 FAULT_ENV = "DSTRAIN_FAULT"  # test-only fault injection: "kill_rank1_in_save:12", "signal_rank0_in_save"
 
 
 # ---------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class RNGState:
+    """This rank's python, numpy, torch (and CUDA) generators, as a per-rank part.
 
+    The state holds tensors, ints and lists only, so it loads with ``torch.load(weights_only=True)``.
+    A rank that did not exist in the saved run (a larger world size) takes rank 0's state.
+    """
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def load_rank_states(self, states: RankStates) -> None:
+        self.load_state_dict(states.own if states.own is not None else states.read(0))
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -130,8 +147,29 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` (version, world size, precision, shared parts)."""
+    try:
+        meta = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path / TRAINER_STATE} cannot be read ({exc}); resume from another checkpoint"
+        ) from None
+    if meta.get("version") != STATE_VERSION:
+        raise CheckpointError(
+            f"{path} was written with checkpoint format {meta.get('version')}, this dstrain reads "
+            f"{STATE_VERSION}; resume it with the dstrain version that wrote it, or export it and start a new run"
+        )
+    return meta
+
+
 def saved_world_size(path: Path) -> int:
-    return int(json.loads((path / "trainer_state.json").read_text())["world_size"])
+    return int(read_meta(path)["world_size"])
+
+
+def saved_config(path: Path) -> JobConfig:
+    """The resolved config that the checkpoint's run trained with."""
+    return build_config(config_path=path / "run.yaml")
 
 
 def to_universal(ckpt: Path, out: Path) -> Path:
@@ -169,24 +207,13 @@ def prepare_universal(path: Path, dist: DistInfo) -> Path:
     if dist.is_main and not (target / "zero").is_dir():
         log.warning("converting %s to a universal checkpoint for %d rank(s)", path, dist.world_size)
         to_universal(path, target)
-    _barrier(dist)
+    barrier(dist)
     return target
 
 
 # ---------------------------------------------------------------- config changes on resume
 
 ARCHITECTURE_KEYS = ("model.config", "model.name_or_path", "model.overrides", "tokenizer", "stage")
-DATA_POSITION_KEYS = (
-    "data.train",
-    "data.validation",
-    "data.validation_fraction",
-    "data.validation_seed",
-    "data.text_column",
-    "data.max_seq_len",
-    "data.pack",
-    "data.max_samples",
-    "seed",
-)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -205,8 +232,13 @@ def config_diff(saved: JobConfig, current: JobConfig) -> dict[str, tuple[Any, An
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume_config(saved: JobConfig, current: JobConfig) -> tuple[dict[str, tuple[Any, Any]], bool]:
-    """Log the differences; architecture changes are errors. Returns (diff, reset_data)."""
+def check_resume_config(saved: JobConfig, current: JobConfig) -> dict[str, tuple[Any, Any]]:
+    """Log the differences; an architecture change is an error. Returns the diff.
+
+    What a change means for the data is the data part's decision (its fingerprint): same
+    position, the position re-dealt (world size, workers, micro-batch, buffer), or its epoch
+    restarted (files, sequence length, packing, seed...).
+    """
     diff = config_diff(saved, current)
     for key, (old, new) in diff.items():
         log.warning("config changed since the checkpoint: %s: %r -> %r", key, old, new)
@@ -217,14 +249,9 @@ def check_resume_config(saved: JobConfig, current: JobConfig) -> tuple[dict[str,
             f"cannot resume: {arch[0]} changed from {old!r} to {new!r}; the architecture must match the "
             "checkpoint (start a new output_dir, or use stage cpt to start from exported weights)"
         )
-    reset_data = any(k in DATA_POSITION_KEYS for k in diff)
-    if reset_data:
-        log.warning(
-            "data files or sequence settings changed: the data position restarts at the current epoch"
-        )
     if any(k.startswith(("optim.", "schedule.", "train.max_steps", "train.epochs")) for k in diff):
         log.warning("optimizer/schedule settings changed: the new values apply from the resumed step on")
-    return diff, reset_data
+    return diff
 
 
 # ---------------------------------------------------------------- save / load
@@ -254,197 +281,143 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _barrier(dist: DistInfo) -> None:
-    if dist.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def rank_file(path: Path, rank: int) -> Path:
+    return path / f"dstrain_rank{rank}.pt"
 
 
 class Checkpointer:
-    """Saves and restores the union of the stateful parts: engine, data, counters, RNG."""
+    """Saves and restores the union of named stateful parts.
 
-    def __init__(self, job: JobConfig, dist: DistInfo, tokenizer: Any) -> None:
-        self.job = job
+    ``engine``: the DeepSpeed engine (its own collective save/load); ``shared``: parts with one
+    state for the run, written by rank 0 into ``trainer_state.json`` (JSON-able states);
+    ``per_rank``: parts with a state per rank, in ``dstrain_rank<R>.pt``. ``write_extras(path)``
+    runs on rank 0 only (run.yaml, tokenizer, HF config); ``meta`` goes into trainer_state.json.
+    ``exclude_frozen`` leaves frozen parameters (a LoRA base) out of the engine's files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        dist: DistInfo,
+        engine: Any,
+        shared: dict[str, Stateful],
+        per_rank: dict[str, RankStateful],
+        keep_last: int,
+        write_extras: Callable[[Path], None] | None = None,
+        meta: dict[str, Any] | None = None,
+        exclude_frozen: bool = False,
+    ) -> None:
+        self.root = Path(output_dir) / "checkpoints"
         self.dist = dist
-        self.tokenizer = tokenizer
-        self.root = Path(job.output_dir) / "checkpoints"
+        self.engine = engine
+        self.shared = shared
+        self.per_rank = per_rank
+        self.keep_last = keep_last
+        self.write_extras = write_extras
+        self.meta = dict(meta or {})
+        self.exclude_frozen = exclude_frozen
 
-    def save(self, trainer: Any) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, step: int, protect: Iterable[int] = ()) -> Path:
+        """Collective: every rank calls it at the same step. ``protect``: steps pruning keeps."""
         started = time.perf_counter()
-        step = trainer.state.step
         tag = f"step_{step}"
         path = self.root / tag
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if path.exists():  # left by an interrupted save of the same step: never reuse it
                 shutil.rmtree(path)
-        _barrier(self.dist)
-        engine = trainer.module.engine
+        barrier(self.dist)
         client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(
+            str(self.root),
+            tag=tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=self.exclude_frozen,
+        )
         _maybe_inject_fault("in_save", step, self.dist)
         rank_state = {
             "version": STATE_VERSION,
             "rank": self.dist.rank,
             "world_size": self.dist.world_size,
-            "data": trainer.train_data.state_dict(),
-            "rng": rng_state(),
+            "parts": {name: part.state_dict() for name, part in self.per_rank.items()},
         }
-        tmp = path / f"dstrain_rank{self.dist.rank}.pt.tmp"
+        own = rank_file(path, self.dist.rank)
+        tmp = own.with_name(own.name + ".tmp")
         torch.save(rank_state, tmp)
-        tmp.replace(path / f"dstrain_rank{self.dist.rank}.pt")
+        tmp.replace(own)
         if self.dist.is_main:
             meta = {
                 "version": STATE_VERSION,
                 "world_size": self.dist.world_size,
-                **trainer.state.state_dict(),
+                **self.meta,
+                "parts": {name: part.state_dict() for name, part in self.shared.items()},
             }
-            _atomic_write(path / "trainer_state.json", json.dumps(meta, indent=2))
-            _atomic_write(path / "run.yaml", self.job.to_yaml())
-            engine.module.config.save_pretrained(path / "hf_config")
-            self.tokenizer.save_pretrained(str(path / "tokenizer"))
-        _barrier(self.dist)  # every rank has finished writing before the save counts
+            _atomic_write(path / TRAINER_STATE, json.dumps(meta, indent=2))
+            if self.write_extras is not None:
+                self.write_extras(path)
+        barrier(self.dist)  # every rank has finished writing before the save counts
         if self.dist.is_main:
             _atomic_write(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
             _atomic_write(self.root / LATEST, tag)
-            self.prune(trainer)
+            self.prune(protect)
             log.info(
                 "saved %s (%.1f MB) in %.1f s", path, dir_size(path) / 1e6, time.perf_counter() - started
             )
-        _barrier(self.dist)
+        barrier(self.dist)
         return path
 
-    def prune(self, trainer: Any) -> None:
-        """Keep the newest ``keep_last`` complete saves (and the best-eval one); incomplete
+    def prune(self, protect: Iterable[int] = ()) -> None:
+        """Keep the newest ``keep_last`` complete saves and the ``protect``ed steps; incomplete
         older dirs go too. Runs only after the new save is complete."""
-        keep_last = self.job.train.keep_last
-        if not keep_last:
+        if not self.keep_last:
             return
         found = list_checkpoints(self.root)
         complete = [p for p in found if is_complete(p)]
-        keep = set(complete[-keep_last:])
-        best = getattr(trainer.state, "best_step", None)
-        if best is not None:
-            keep.add(self.root / f"step_{best}")
+        keep = set(complete[-self.keep_last :]) | {self.root / f"step_{s}" for s in protect}
         newest = step_of(complete[-1]) if complete else -1
         for p in found:
             if p not in keep and step_of(p) < newest:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, trainer: Any, path: Path) -> bool:
-        """Restore everything from ``path``; returns whether the data position was reset."""
-        saved_job = build_config(config_path=path / "run.yaml")
-        _, reset_data = check_resume_config(saved_job, self.job)
-        meta = json.loads((path / "trainer_state.json").read_text())
-        if meta.get("version") != STATE_VERSION:
-            raise CheckpointError(f"{path}: state version {meta.get('version')} is not {STATE_VERSION}")
-        engine = trainer.module.engine
-        saved_world = meta["world_size"]
+    def load(self, path: Path) -> None:
+        """Restore every part from ``path`` (collective for the engine)."""
+        meta = read_meta(path)
+        saved_world = int(meta["world_size"])
         resharded = saved_world != self.dist.world_size
-        if resharded and not engine.load_universal_checkpoint():
+        if resharded and not self.engine.load_universal_checkpoint():
             raise CheckpointError(
                 f"{path} was saved by {saved_world} ranks and this run has {self.dist.world_size}: "
                 "the engine must be built for a universal load (trainer/main.py does this)"
             )
         load_dir, tag = (path, "universal") if resharded else (path.parent, path.name)
-        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+        loaded, _ = self.engine.load_checkpoint(
+            str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen
+        )
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
-        own = path / f"dstrain_rank{self.dist.rank}.pt"
-        rank_state = torch.load(own if own.is_file() else path / "dstrain_rank0.pt", weights_only=False)
-        state = {k: v for k, v in meta.items() if k not in ("version", "world_size")}
-        trainer.state.load_state_dict(state)
-        if reset_data:
-            trainer.train_data.start_epoch(trainer.state.epoch)
-        elif resharded or rank_state["data"]["fingerprint"]["num_workers"] != self.job.data.num_workers:
-            # Another world size or worker count: every saved rank's position is needed.
-            old = [
-                torch.load(path / f"dstrain_rank{r}.pt", weights_only=False)["data"]
-                for r in range(saved_world)
-            ]
-            trainer.train_data.load_resharded(old)
-            log.warning(
-                "data position re-derived from all %d saved ranks (%d rank(s) x %d worker(s) now)",
-                saved_world,
-                self.dist.world_size,
-                self.job.data.num_workers,
+        for name, part in self.shared.items():
+            part.load_state_dict(meta["parts"][name])
+
+        cache: dict[int, dict[str, Any]] = {}
+
+        def read(rank: int) -> dict[str, Any]:
+            if rank not in cache:
+                file = rank_file(path, rank)
+                if not file.is_file():
+                    raise CheckpointError(
+                        f"{file} is missing: the checkpoint is incomplete; resume from an older one"
+                    )
+                cache[rank] = torch.load(file, map_location="cpu", weights_only=True)["parts"]
+            return cache[rank]
+
+        own = read(self.dist.rank) if self.dist.rank < saved_world else None
+        for name, part in self.per_rank.items():
+            part.load_rank_states(
+                RankStates(
+                    own=None if own is None else own[name],
+                    saved_world_size=saved_world,
+                    read=lambda rank, name=name: read(rank)[name],
+                )
             )
-        else:
-            trainer.train_data.load_state_dict(rank_state["data"])
-        set_rng_state(rank_state["rng"])
-        apply_new_hyperparameters(engine, self.job)
-        log.info("resumed from %s at step %d (epoch %d)", path, trainer.state.step, trainer.state.epoch)
-        return reset_data
-
-
-def apply_new_hyperparameters(engine: Any, job: JobConfig) -> None:
-    """After a load, the optimizer and scheduler carry the *saved* hyper-parameters; put the
-    current config's in place so a changed lr/betas/weight_decay applies from this step on."""
-    scheduler = engine.lr_scheduler
-    # DeepSpeed builds our LambdaLR on the basic optimizer, whose groups hold the real lrs.
-    groups = scheduler.optimizer.param_groups if scheduler is not None else engine.optimizer.param_groups
-    base_lrs = []
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(job.optim.betas)
-        if "eps" in group:
-            group["eps"] = job.optim.eps
-        if group.get("weight_decay", 0.0) > 0.0:
-            group["weight_decay"] = job.optim.weight_decay
-        base_lrs.append(job.optim.muon_lr if group.get("use_muon") else job.optim.lr)
-    if scheduler is not None and base_lrs:
-        scheduler.base_lrs = base_lrs
-        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-        for group, base in zip(groups, base_lrs, strict=True):
-            group["lr"] = base * factor
-        scheduler._last_lr = [g["lr"] for g in groups]
-
-
-# ---------------------------------------------------------------- export
-
-
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The full model weights on rank 0 (None elsewhere); every rank must call this.
-
-    Under ZeRO-3 the parameters are partitioned, so they are gathered layer by layer through
-    DeepSpeed (needs ``stage3_gather_16bit_weights_on_model_save``); a rank-0-only gather hangs.
-    """
-    if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    if engine.global_rank != 0:
-        return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-
-
-def save_hf(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write safetensors + config + generation config + tokenizer into ``<out>.tmp``, then rename."""
-    out = Path(out_dir)
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise CheckpointError(
-            f"export would write empty tensors ({empty[0]} ...): ZeRO-3 weights were not gathered"
-        )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    use_cache = model.config.use_cache
-    model.config.use_cache = True  # exported for inference
-    try:
-        model.save_pretrained(tmp, state_dict=state)
-    finally:
-        model.config.use_cache = use_cache
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
-
-
-def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
-    """Collective export of the live engine to an HF directory (rank 0 writes)."""
-    state = consolidated_state_dict(engine)
-    if dist.is_main:
-        assert state is not None
-        save_hf(engine.module, state, tokenizer, out_dir)
-        log.info("exported Hugging Face model to %s", out_dir)
-    _barrier(dist)
-    return Path(out_dir)
+        log.info("resumed from %s", path)

@@ -140,3 +140,9 @@ def all_reduce_max(values: list[float], dist: DistInfo) -> list[float]:
             tensor = tensor.to(dist.device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.cpu().tolist()
+
+
+def barrier(dist: DistInfo) -> None:
+    """Wait for every rank (a no-op on one rank or before the process group exists)."""
+    if dist.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""Build the DeepSpeed engine from the job: ZeRO config, optimizer, LR schedule."""
+"""Build the DeepSpeed engine from the job: ZeRO config, optimizer, LR schedule; and put the
+job's hyper-parameters into the optimizer after a checkpoint load."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from trainer.config import JobConfig
 from trainer.ds_config import Precision, build_ds_config
-from trainer.optim import build_optimizer, make_scheduler, param_groups
+from trainer.optim import DECAY, build_optimizer, make_scheduler, param_groups
 
 
 def build_engine(
@@ -42,3 +43,46 @@ def build_engine(
         config=ds_config,
     )
     return engine, ds_config
+
+
+def optimizer_groups(engine: Any) -> list[dict[str, Any]]:
+    """The param groups the optimizer steps with (the ones the LR scheduler drives).
+
+    DeepSpeed builds our LambdaLR on the basic optimizer, whose groups hold the real values;
+    ZeRO wrappers expose the same group dicts.
+    """
+    scheduler = engine.lr_scheduler
+    return scheduler.optimizer.param_groups if scheduler is not None else engine.optimizer.param_groups
+
+
+def apply_hyperparameters(engine: Any, job: JobConfig) -> None:
+    """After a checkpoint load the optimizer holds the *saved* hyper-parameters (torch's
+    ``Optimizer.load_state_dict`` restores every group's values); put the job's in place so a
+    changed lr, betas, eps, weight decay or Muon momentum applies from the resumed step on.
+
+    A group's role comes from its ``name`` (``trainer.optim.param_groups`` names them, and
+    DeepSpeed's Muon keeps the name as a prefix), not from its current weight decay, so a
+    weight decay raised from 0 reaches the decayed group and never the biases and norms.
+    """
+    optim = job.optim
+    groups = optimizer_groups(engine)
+    base_lrs = []
+    for group in groups:
+        muon = bool(group.get("use_muon"))
+        if "betas" in group:
+            group["betas"] = tuple(optim.betas)
+        if "eps" in group:
+            group["eps"] = optim.eps
+        if muon and "momentum" in group:
+            group["momentum"] = optim.muon_momentum
+        if "weight_decay" in group:
+            decayed = str(group.get("name", "")).startswith(DECAY)
+            group["weight_decay"] = optim.weight_decay if decayed else 0.0
+        base_lrs.append(optim.muon_lr if muon else optim.lr)
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and base_lrs:
+        scheduler.base_lrs = base_lrs
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group, base in zip(groups, base_lrs, strict=True):
+            group["lr"] = base * factor
+        scheduler._last_lr = [g["lr"] for g in groups]

@@ -1,19 +1,24 @@
-"""Offline tools on saved checkpoints: ``dstrain export`` and ``dstrain ckpt``.
+"""Hugging Face exports: of the live engine at the end of a run, and offline from checkpoints.
 
     dstrain export CKPT OUT [--dtype bf16|fp16|fp32]    consolidate ZeRO shards into an HF dir
     dstrain ckpt list OUTPUT_DIR                         steps, completeness, sizes
     dstrain ckpt to-universal CKPT [--out DIR]           DeepSpeed universal checkpoint (other world sizes)
 
-These run in one plain process (no ranks): ZeRO-1/2/3 shards are merged by DeepSpeed's
-zero_to_fp32 reader, so even ZeRO-3 checkpoints export with every tensor filled.
+The offline tools run in one plain process (no ranks): ZeRO-1/2/3 shards are merged by
+DeepSpeed's zero_to_fp32 reader, so even ZeRO-3 checkpoints export with every tensor filled.
+Both exports write the precision the run trained in unless ``--dtype`` says otherwise, so an
+offline export of the last checkpoint equals the run's own ``hf/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,12 +28,62 @@ from trainer.checkpoint import (
     is_complete,
     list_checkpoints,
     newest_complete,
-    save_hf,
+    read_meta,
     to_universal,
 )
+from trainer.dist import DistInfo, barrier
 from trainer.errors import CheckpointError, DstrainError
 
+log = logging.getLogger("dstrain")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The full model weights on rank 0 (None elsewhere); every rank must call this.
+
+    Under ZeRO-3 the parameters are partitioned, so they are gathered layer by layer through
+    DeepSpeed (needs ``stage3_gather_16bit_weights_on_model_save``); a rank-0-only gather hangs.
+    """
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    if engine.global_rank != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def save_hf(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write safetensors + config + generation config + tokenizer into ``<out>.tmp``, then rename."""
+    out = Path(out_dir)
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise CheckpointError(
+            f"export would write empty tensors ({empty[0]} ...): ZeRO-3 weights were not gathered"
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # exported for inference
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+    finally:
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
+    """Collective export of the live engine to an HF directory (rank 0 writes)."""
+    state = consolidated_state_dict(engine)
+    if dist.is_main:
+        assert state is not None
+        save_hf(engine.module, state, tokenizer, out_dir)
+        log.info("exported Hugging Face model to %s", out_dir)
+    barrier(dist)
+    return Path(out_dir)
 
 
 def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -43,8 +98,9 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
-    """Rebuild the HF model from ``ckpt``'s config, load the consolidated weights, write ``out``."""
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Rebuild the HF model from ``ckpt``'s config, load the consolidated weights, write ``out``
+    in ``dtype`` (default: the precision the run trained in, as its own ``hf/`` export)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = Path(ckpt)
@@ -53,6 +109,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "bf16") ->
         ckpt = newest_complete(root) or ckpt
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    dtype = dtype or read_meta(ckpt).get("precision", "fp32")
     config = AutoConfig.from_pretrained(ckpt / "hf_config")
     state = {k.removeprefix("module."): v for k, v in checkpoint_state_dict(ckpt).items()}
     with torch.device("meta"):
@@ -83,7 +140,12 @@ def export_main(argv: list[str] | None = None) -> int:
         "checkpoint", help="a checkpoints/step_N dir, or an output_dir (its newest complete save)"
     )
     parser.add_argument("out", help="directory to write (safetensors, config, tokenizer, generation config)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights dtype (default: the precision the run trained in)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype)

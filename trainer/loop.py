@@ -2,6 +2,14 @@
 
 *What* a step does lives in :class:`trainer.train_module.TrainModule`; side effects live in
 callbacks (:mod:`trainer.metrics`); saving lives in :mod:`trainer.checkpoint`.
+
+One small all-reduce per optimizer step carries what the ranks must agree on before the
+first forward: the step's target and token counts (the loss is normalised by the targets of
+the whole step), how many ranks ran out of data (the epoch ends when all have; until then a
+rank that ran out runs one-token filler micro-batches, so every rank runs the same number of
+forwards), whether a rank failed to read its data (the others stop too instead of hanging),
+and whether a pre-emption signal arrived (every rank then saves the same step). Losses stay on
+the device and are reduced on log steps only, with the metrics the callbacks recorded.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from trainer.config import JobConfig
+from trainer.data.packing import Batch, filler_batch
 from trainer.dist import DistInfo, all_reduce_max, all_reduce_sum
-from trainer.metrics import Callback, Throughput, perplexity
-from trainer.optim import lr_factor
-from trainer.train_module import Batch, TrainModule
+from trainer.errors import DataError
+from trainer.metrics import Callback, MetricRecorder, perplexity
+from trainer.train_module import StepResult, TrainModule, target_count, token_count
 
 log = logging.getLogger("dstrain")
 
@@ -32,6 +43,8 @@ class TrainState:
     target_tokens_seen: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None
+    last_eval_step: int | None = None
+    last_save_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,11 +54,23 @@ class TrainState:
             setattr(self, key, value)
 
 
+@dataclass
+class StepPlan:
+    """One optimizer step's micro-batches and what the ranks agreed on about it."""
+
+    micro_batches: list[Batch]  # this rank's real micro-batches (fillers are added to run it)
+    targets: int  # target tokens of the step, all ranks
+    tokens: int  # non-pad tokens of the step, all ranks
+    epoch_done: bool  # every rank has run out of data: this is the epoch's last step
+    preempt: bool  # some rank got a stop signal
+    data_wait_s: float  # this rank's time spent waiting for its micro-batches
+
+
 def total_steps_for(job: JobConfig, batches_per_epoch: int) -> int:
     """max_steps when set, else epochs x optimizer steps per epoch (from the data estimate)."""
     if job.train.max_steps is not None:
         return job.train.max_steps
-    return max(1, job.train.epochs * (batches_per_epoch // job.train.grad_accum))
+    return max(1, job.train.epochs * -(-batches_per_epoch // job.train.grad_accum))
 
 
 class Trainer:
@@ -74,77 +99,17 @@ class Trainer:
         self.preemption = preemption
         self.state = TrainState()
         self.stop_requested = False
-        self.last_eval_step: int | None = None
-        self.last_save_step: int | None = None
-        self.throughput = Throughput()
+        self.metrics = MetricRecorder(dist)
+        self._stream: Iterator[Batch] | None = None
+        self._plan: StepPlan | None = None
+        self._window_loss: torch.Tensor | None = None
+        self._window_targets = 0
+        self._steps_in_epoch = 0
+        self._filler = filler_batch(attention_mask=not job.data.pack)
 
-    def fit(self) -> TrainState:
-        """Train until max_steps, the last epoch, or an agreed pre-emption signal."""
-        self.throughput = Throughput()
-        self.window_losses: list[float] = []
-        self._emit("on_train_start")
-        while not self._finished():
-            for micro_batches in self._steps_of_epoch():
-                self._train_step(micro_batches)
-                self._after_step()
-                if self._finished():
-                    break
-            else:
-                self.state.epoch += 1
-        if not self.stop_requested and self.last_eval_step != self.state.step:
-            self.evaluate()
-        if self.checkpointer and self.last_save_step != self.state.step:
-            self._save()
-        self._emit("on_train_end")
-        return self.state
-
-    def _train_step(self, micro_batches: list[Batch]) -> None:
-        result = self.module.train_step(micro_batches)
-        lr = self.job.optim.lr * lr_factor(self.state.step, self.total_steps, self.job.schedule)
-        self.state.step += 1
-        self.state.tokens_seen += result.tokens
-        self.state.target_tokens_seen += result.target_tokens
-        self.throughput.add(result.tokens)
-        self.window_losses.append(result.loss)
-        if self.state.step % self.job.train.log_every and self.state.step != self.total_steps:
-            return
-        # The mean over the steps since the last log (each step's loss is already token-averaged).
-        loss = sum(self.window_losses) / len(self.window_losses)
-        self.window_losses = []
-        record = {
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": result.grad_norm,
-            "tokens": self.state.tokens_seen,
-            "tokens_per_s": self.throughput.rate(),
-            "time": round(self.throughput.elapsed(), 3),
-        }
-        if self.job.log.doc_ids:
-            record["doc_ids"] = gather_doc_ids(micro_batches, self.dist)
-        self._emit("on_step", record)
-
-    def _after_step(self) -> None:
-        """Eval, save and pre-emption, in that order, at the optimizer-step boundary."""
-        train, step = self.job.train, self.state.step
-        new_best = False
-        if train.eval_every and step % train.eval_every == 0:
-            new_best = self.evaluate() is not None and self.state.best_step == step
-        save_due = bool(train.save_every and step % train.save_every == 0) or (new_best and train.keep_best)
-        if self.checkpointer and save_due:
-            self._save()
-        if self.preemption is not None and all_reduce_max([float(self.preemption.requested)], self.dist)[0]:
-            log.warning("pre-emption signal received: saving step %d and stopping", step)
-            if self.checkpointer and self.last_save_step != step:
-                self._save()
-            self.stop_requested = True
-
-    def _save(self) -> None:
-        self.checkpointer.save(self)
-        self.last_save_step = self.state.step
-
-    def _finished(self) -> bool:
+    # -- when ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
         """max_steps when set, else the epoch count. ``total_steps`` may be an estimate from the
         data (epochs mode): it sets the schedule's length, never where training stops."""
         if self.stop_requested:
@@ -153,53 +118,170 @@ class Trainer:
             return self.state.step >= self.job.train.max_steps
         return self.state.epoch >= self.job.train.epochs
 
-    def _steps_of_epoch(self) -> Iterator[list[Batch]]:
-        """grad_accum micro-batches at a time; the epoch ends on every rank together.
+    def is_log_step(self) -> bool:
+        """Every ``log_every`` steps, and the last step (of max_steps, or of the last epoch)."""
+        step = self.state.step
+        return step % self.job.train.log_every == 0 or step == self.total_steps or self._last_epoch_step
 
-        The data pipeline already yields equal batch counts per rank; the one-flag all-reduce
-        per step is the guard that turns any disagreement into a clean epoch end instead of a
-        collective that hangs until the timeout.
-        """
-        stream = iter(self.train_data)
-        while True:
-            micro = list(itertools.islice(stream, self.job.train.grad_accum))
-            (any_short,) = all_reduce_max([float(len(micro) < self.job.train.grad_accum)], self.dist)
-            if any_short:
-                if micro:
-                    log.info(
-                        "epoch %d: %d leftover micro-batches dropped at the epoch end",
-                        self.state.epoch,
-                        len(micro),
-                    )
-                for _ in stream:  # finish the epoch so the stream moves on to the next one
-                    pass
-                return
-            yield micro
+    @property
+    def _last_epoch_step(self) -> bool:
+        plan = self._plan
+        return (
+            plan is not None
+            and plan.epoch_done
+            and self.job.train.max_steps is None
+            and self.state.epoch + 1 >= self.job.train.epochs
+        )
 
+    def fit(self) -> TrainState:
+        """Train until max_steps, the last epoch, or an agreed pre-emption signal."""
+        self._emit("on_train_start")
+        while not self.finished:
+            plan = self._plan = self._plan_step()
+            if plan.targets:
+                self._train_step(plan)
+            if plan.epoch_done:
+                self._end_epoch()
+            self._after_step(plan, stepped=bool(plan.targets))
+        if not self.stop_requested and self.state.last_eval_step != self.state.step:
+            self.evaluate()
+        if self.checkpointer and self.state.last_save_step != self.state.step:
+            self._save()
+        self._emit("on_train_end")
+        return self.state
+
+    def _plan_step(self) -> StepPlan:
+        """Pull this rank's micro-batches and agree with the other ranks (one all-reduce)."""
+        accum = self.job.train.grad_accum
+        started = time.perf_counter()
+        micro: list[Batch] = []
+        failed: Exception | None = None
+        try:
+            if self._stream is None:
+                self._stream = iter(self.train_data)
+            micro = list(itertools.islice(self._stream, accum))
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            failed = exc
+        data_wait_s = time.perf_counter() - started
+        preempt = self.preemption is not None and self.preemption.requested
+        local = [
+            sum(target_count(b) for b in micro),
+            sum(token_count(b) for b in micro),
+            float(len(micro) < accum),
+            float(preempt),
+            float(failed is not None),
+        ]
+        targets, tokens, ran_out, preempted, errors = all_reduce_sum(local, self.dist)
+        if failed is not None:
+            raise failed
+        if errors:
+            raise DataError(
+                f"rank {self.dist.rank}: another rank failed while reading its data; its log names the cause"
+            )
+        return StepPlan(
+            micro_batches=micro,
+            targets=int(targets),
+            tokens=int(tokens),
+            epoch_done=ran_out == self.dist.world_size,
+            preempt=bool(preempted),
+            data_wait_s=data_wait_s,
+        )
+
+    def _train_step(self, plan: StepPlan) -> None:
+        fillers = [self._filler] * (self.job.train.grad_accum - len(plan.micro_batches))
+        self._emit("pre_step")
+        started = time.perf_counter()
+        result = self.module.train_step(plan.micro_batches + fillers, plan.targets)
+        self.state.step += 1
+        self._steps_in_epoch += 1
+        self.state.tokens_seen += plan.tokens
+        self.state.target_tokens_seen += plan.targets
+        loss_sum = result.loss_sum
+        self._window_loss = loss_sum if self._window_loss is None else self._window_loss + loss_sum
+        self._window_targets += plan.targets
+        self._emit("post_step", plan, result, time.perf_counter() - started)
+        if self.is_log_step():
+            self._log_step(plan, result)
+
+    def _log_step(self, plan: StepPlan, result: StepResult) -> None:
+        """Reduce the window's loss and the callbacks' metrics (rank 0 writes the record)."""
+        assert self._window_loss is not None
+        self.metrics.record("loss_sum", float(self._window_loss), "sum")
+        reduced = self.metrics.reduce()
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            # The mean over the target tokens of the steps since the previous record.
+            "loss": reduced.pop("loss_sum") / max(self._window_targets, 1),
+            "lr": result.lrs[0],
+            "lrs": result.lrs,
+            "grad_norm": result.grad_norm,
+            "tokens": self.state.tokens_seen,
+            **reduced,
+        }
+        self._window_loss, self._window_targets = None, 0
+        if self.job.log.doc_ids:
+            record["doc_ids"] = gather_doc_ids(plan.micro_batches, self.dist)
+        self._emit("on_log", record)
+
+    def _end_epoch(self) -> None:
+        if self._steps_in_epoch == 0 and self.state.tokens_seen == 0:
+            raise DataError(
+                f"epoch {self.state.epoch} has no target tokens on any rank: every document was "
+                "empty, skipped or fully masked; check data.train and the text column or format"
+            )
+        self.train_data.end_epoch()
+        self.state.epoch += 1
+        self._stream = None
+        self._steps_in_epoch = 0
+
+    def _after_step(self, plan: StepPlan, stepped: bool) -> None:
+        """Eval, save and pre-emption, in that order, at the optimizer-step boundary."""
+        train, step = self.job.train, self.state.step
+        if stepped:
+            new_best = False
+            if train.eval_every and step % train.eval_every == 0:
+                new_best = self.evaluate() is not None and self.state.best_step == step
+            save_due = bool(train.save_every and step % train.save_every == 0)
+            if self.checkpointer and (save_due or (new_best and train.keep_best)):
+                self._save()
+        if plan.preempt:
+            log.warning("pre-emption signal received: saving step %d and stopping", step)
+            if self.checkpointer and self.state.last_save_step != step:
+                self._save()
+            self.stop_requested = True
+
+    def _save(self) -> None:
+        self.state.last_save_step = self.state.step
+        protect = [self.state.best_step] if self.job.train.keep_best and self.state.best_step else []
+        self._emit("pre_save")
+        self.checkpointer.save(self.state.step, protect=protect)
+        self._emit("post_save")
+
+    # -- eval ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
         """Mean loss over this rank's part of the fixed validation set, all-reduced."""
         if self.eval_batches is None:
             return None
+        self._emit("pre_eval")
         started = time.perf_counter()
-        loss_sum, targets, template = 0.0, 0, None
+        loss_sum, targets = 0.0, 0
         stream = iter(self.eval_batches)
         while True:
+            # Ranks hold different numbers of eval batches; each forward is collective under ZeRO-3.
             batch = next(stream, None)
             (any_left,) = all_reduce_max([float(batch is not None)], self.dist)
             if not any_left:
                 break
-            if batch is not None:
-                template = batch
-            if template is None:  # this rank had no eval data at all: borrow a shape
-                template = self._first_train_like_batch()
-            s, n = self.module.eval_sums(batch, template)
+            s, n = self.module.eval_sums(batch if batch is not None else self._filler)
             loss_sum, targets = loss_sum + s, targets + n
         total_loss, total_targets = all_reduce_sum([loss_sum, targets], self.dist)
+        self.state.last_eval_step = self.state.step
+        self._emit("post_eval")
         if total_targets == 0:
             log.warning("eval set has no target tokens; skipping eval")
             return None
         eval_loss = total_loss / total_targets
-        self.last_eval_step = self.state.step
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_step = eval_loss, self.state.step
         record = {
@@ -212,13 +294,6 @@ class Trainer:
         self._emit("on_eval", record)
         return record
 
-    def _first_train_like_batch(self) -> Batch:
-        import torch
-
-        size = (self.job.train.micro_batch_size, 8)
-        zeros = torch.zeros(size, dtype=torch.long)
-        return {"input_ids": zeros, "labels": zeros - 100, "position_ids": zeros}
-
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
@@ -226,8 +301,6 @@ class Trainer:
 
 def gather_doc_ids(micro_batches: list[Batch], dist: DistInfo) -> list[int]:
     """Sorted ids of the documents this step trained on, over all ranks (an audit trail)."""
-    import torch
-
     local = sorted({int(i) for b in micro_batches for i in b["doc_ids"].unique().tolist() if i >= 0})
     if dist.world_size == 1 or not torch.distributed.is_initialized():
         return local

@@ -48,20 +48,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
+def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = None) -> int:
     """Build the parts and train; returns the exit code. Imports are local so `--help` and
     config errors stay fast."""
-
-    from trainer.checkpoint import (
-        Checkpointer,
-        export_hf,
-        prepare_universal,
-        resolve_resume,
-        saved_world_size,
-    )
+    from trainer import checkpoint as ckpt
     from trainer.data import build_eval_batches, build_train_data
     from trainer.ds_config import resolve_precision, write_ds_config
-    from trainer.engine import build_engine
+    from trainer.engine import apply_hyperparameters, build_engine
+    from trainer.export import export_hf
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
@@ -72,23 +66,23 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
     on_gpu = dist.device.startswith("cuda")
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     out = Path(job.output_dir)
+    resume_path = ckpt.resolve_resume(resume, job.output_dir)
+    if resume_path is not None:  # fail fast on an architecture change, before building anything
+        ckpt.check_resume_config(ckpt.saved_config(resume_path), job)
     tokenizer = load_tokenizer(job.tokenizer_path)
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
     eval_batches = build_eval_batches(job.data, tokenizer, dist, job.train.micro_batch_size)
     total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
     seed_everything(job.seed)
     model = build_model(job, tokenizer, precision, on_gpu)
-    resume_path = resolve_resume(resume, job.output_dir)
-    universal = resume_path is not None and saved_world_size(resume_path) != dist.world_size
+    universal = resume_path is not None and ckpt.saved_world_size(resume_path) != dist.world_size
     if universal:
-        prepare_universal(resume_path, dist)
+        ckpt.prepare_universal(resume_path, dist)
     engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps, load_universal=universal)
     if dist.is_main:
         save_run_yaml(job, out)
         write_ds_config(ds_config, out / "ds_config.json")
         log.info("training %d optimizer steps on %d rank(s); output in %s", total_steps, dist.world_size, out)
-    checkpointer = Checkpointer(job, dist, tokenizer)
-    preemption = Preemption()
     trainer = Trainer(
         job,
         dist,
@@ -96,25 +90,46 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None) -> int:
         train_data,
         eval_batches,
         total_steps,
-        callbacks_for(job, dist, total_steps),
-        checkpointer=checkpointer,
-        preemption=preemption,
+        callbacks_for(job, dist, total_steps, console),
+        preemption=Preemption(),
     )
+
+    def write_extras(path: Path) -> None:
+        (path / "run.yaml").write_text(job.to_yaml(), encoding="utf-8")
+        engine.module.config.save_pretrained(path / "hf_config")
+        tokenizer.save_pretrained(str(path / "tokenizer"))
+
+    trainer.checkpointer = ckpt.Checkpointer(
+        job.output_dir,
+        dist,
+        engine,
+        shared={"trainer": trainer.state},
+        per_rank={"data": train_data, "rng": ckpt.RNGState()},
+        keep_last=job.train.keep_last,
+        write_extras=write_extras,
+        meta={"precision": precision},
+    )
+    resumed_at = None
     if resume_path is not None:
-        checkpointer.load(trainer, resume_path)
-    preemption.install()
-    try:
-        trainer.fit()
-    finally:
-        preemption.uninstall()
-    if trainer.stop_requested:
-        log.warning(
-            "stopped by a signal after saving step %d; exit %d (requeue)",
-            trainer.state.step,
-            PREEMPTED_EXIT_CODE,
-        )
-        return PREEMPTED_EXIT_CODE
-    export_hf(engine, tokenizer, out / "hf", dist)
+        trainer.checkpointer.load(resume_path)
+        apply_hyperparameters(engine, job)
+        resumed_at = trainer.state.step
+        log.info("resuming at step %d (epoch %d)", trainer.state.step, trainer.state.epoch)
+    if trainer.finished:  # a resume of a finished run leaves its checkpoints alone
+        log.info("the run already finished at step %d: nothing to train", trainer.state.step)
+    else:
+        trainer.preemption.install()
+        try:
+            trainer.fit()
+        finally:
+            trainer.preemption.uninstall()
+        if trainer.stop_requested:
+            log.warning(
+                "stopped by a signal after saving step %d; exit %d", trainer.state.step, PREEMPTED_EXIT_CODE
+            )
+            return PREEMPTED_EXIT_CODE
+    if trainer.state.last_save_step != resumed_at or not (out / "hf").is_dir():
+        export_hf(engine, tokenizer, out / "hf", dist)
     if dist.is_main and job.log.sample_prompt:
         from trainer.generate import generate_text
 
@@ -131,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         job = build_config(stage=args.stage, config_path=args.config, overrides=overrides)
         from trainer.metrics import setup_logging
 
-        setup_logging(job.output_dir, dist)
+        console = setup_logging(job.output_dir, dist)
         init_distributed(dist)
-        return run(job, dist, args.resume)
+        return run(job, dist, args.resume, console)
     except DstrainError as exc:
         print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
         return 2

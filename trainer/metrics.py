@@ -1,7 +1,11 @@
-"""Side effects of training: logs, metrics.jsonl, progress, TensorBoard, the loss-curve PNG.
+"""Side effects of training, as callbacks: logs, metrics.jsonl, progress, TensorBoard, the PNG,
+and the measurements (throughput, memory) that go into each logged record.
 
-Only rank 0 prints progress and writes shared files. Every rank logs warnings, with its rank
-in the prefix, to stderr and to ``<output_dir>/train.log``.
+Callbacks run on every rank. A callback measures on its own rank and records a metric with a
+reduction over ranks (``trainer.metrics.record(name, value, "mean" | "sum" | "max" | "min")``);
+on a log step the Trainer reduces everything recorded in two small all-reduces and hands the
+record to ``on_log``. Only rank 0 prints progress and writes shared files. Every rank logs
+warnings, with its rank in the prefix, to stderr and to ``<output_dir>/train.log``.
 """
 
 from __future__ import annotations
@@ -9,24 +13,48 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from trainer.dist import DistInfo
+from trainer.dist import DistInfo, all_reduce_max, all_reduce_sum
 
 log = logging.getLogger("dstrain")
 
+Reduction = Literal["sum", "mean", "max", "min"]
 
-def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> None:
+
+# ---------------------------------------------------------------------------------- logging
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """stderr, or the live rich console while a progress bar is shown (lines print above it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.console: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.console is None:
+            super().emit(record)
+            return
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> ConsoleHandler:
     """Rank 0: INFO to stderr and train.log. Other ranks: WARNING and above, rank-prefixed."""
     root = logging.getLogger("dstrain")
     root.handlers.clear()
     root.propagate = False
     root.setLevel(logging.INFO if dist.is_main else logging.WARNING)
     fmt = logging.Formatter(f"[rank{dist.rank}] %(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler()
     console.setFormatter(fmt)
     root.addHandler(console)
     if output_dir is not None:
@@ -38,18 +66,134 @@ def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> None:
     # Library chatter (DeepSpeed's per-rank INFO lines) only from rank 0 and only warnings.
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING if dist.is_main else logging.ERROR)
+    return console
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+class MetricRecorder:
+    """Metrics recorded by callbacks for the next log step, reduced over ranks in two all-reduces.
+
+    Every rank must record the same names (callbacks run on every rank). ``None`` (a metric
+    that does not exist here, such as MFU on a CPU) stays ``None``.
+    """
+
+    def __init__(self, dist: DistInfo) -> None:
+        self.dist = dist
+        self._values: dict[str, tuple[float, Reduction]] = {}
+
+    def record(self, name: str, value: float | None, reduce: Reduction = "mean") -> None:
+        self._values[name] = (math.nan if value is None else float(value), reduce)
+
+    def reduce(self) -> dict[str, float | None]:
+        names = sorted(self._values)
+        additive = [n for n in names if self._values[n][1] in ("sum", "mean")]
+        extreme = [n for n in names if self._values[n][1] in ("max", "min")]
+        out: dict[str, float] = {}
+        if additive:
+            sums = all_reduce_sum([self._values[n][0] for n in additive], self.dist)
+            for n, total in zip(additive, sums, strict=True):
+                out[n] = total / self.dist.world_size if self._values[n][1] == "mean" else total
+        if extreme:  # min is the max of the negation: one all-reduce for both
+            signs = [1.0 if self._values[n][1] == "max" else -1.0 for n in extreme]
+            peaks = all_reduce_max(
+                [s * self._values[n][0] for s, n in zip(signs, extreme, strict=True)], self.dist
+            )
+            out.update({n: s * v for n, s, v in zip(extreme, signs, peaks, strict=True)})
+        self._values.clear()
+        return {n: None if math.isnan(v) else v for n, v in out.items()}
 
 
 class Callback:
-    """Hooks the Trainer calls; each callback carries one side effect."""
+    """Hooks the Trainer calls on every rank; each callback carries one side effect."""
 
     def on_train_start(self, trainer: Any) -> None: ...
 
-    def on_step(self, trainer: Any, record: dict[str, Any]) -> None: ...
+    def pre_step(self, trainer: Any) -> None: ...
+
+    def post_step(self, trainer: Any, plan: Any, result: Any, compute_s: float) -> None: ...
+
+    def on_log(self, trainer: Any, record: dict[str, Any]) -> None: ...
+
+    def pre_eval(self, trainer: Any) -> None: ...
+
+    def post_eval(self, trainer: Any) -> None: ...
 
     def on_eval(self, trainer: Any, record: dict[str, Any]) -> None: ...
 
+    def pre_save(self, trainer: Any) -> None: ...
+
+    def post_save(self, trainer: Any) -> None: ...
+
     def on_train_end(self, trainer: Any) -> None: ...
+
+
+# ---------------------------------------------------------------------------------- measurements
+
+
+class Throughput(Callback):
+    """tokens/s of the steps since the last log: non-pad tokens of all ranks over the time spent
+    in steps (waiting for data + compute), so eval and save time never dilute it.
+
+    Records ``tokens_per_s`` (the slowest rank's view), ``data_wait_s`` and ``step_s`` (mean per
+    step over the window, the slowest rank), and ``time`` (seconds since training started).
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens, self.steps, self.wait_s, self.compute_s = 0, 0, 0.0, 0.0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.start = time.perf_counter()
+
+    def post_step(self, trainer: Any, plan: Any, result: Any, compute_s: float) -> None:
+        self.tokens += plan.tokens
+        self.steps += 1
+        self.wait_s += plan.data_wait_s
+        self.compute_s += compute_s
+        if trainer.is_log_step():
+            seconds = max(self.wait_s + self.compute_s, 1e-9)
+            trainer.metrics.record("tokens_per_s", self.tokens / seconds, "min")
+            trainer.metrics.record("data_wait_s", self.wait_s / self.steps, "max")
+            trainer.metrics.record("step_s", (self.wait_s + self.compute_s) / self.steps, "max")
+            trainer.metrics.record("time", time.perf_counter() - self.start, "max")
+            self._reset()
+
+
+class Memory(Callback):
+    """Peak memory on log steps, max over ranks: ``mem_gb`` is the training device's peak
+    (GPU max allocated; on a CPU the process's peak RSS), ``mem_reserved_gb`` the GPU allocator's
+    peak reservation (None on a CPU), ``host_rss_gb`` the process's peak RSS."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def post_step(self, trainer: Any, plan: Any, result: Any, compute_s: float) -> None:
+        if not trainer.is_log_step():
+            return
+        host = peak_rss_bytes() / 1e9
+        if self.cuda:
+            import torch
+
+            allocated = torch.cuda.max_memory_allocated() / 1e9
+            reserved = torch.cuda.max_memory_reserved() / 1e9
+        else:
+            allocated, reserved = host, None
+        trainer.metrics.record("mem_gb", allocated, "max")
+        trainer.metrics.record("mem_reserved_gb", reserved, "max")
+        trainer.metrics.record("host_rss_gb", host, "max")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------- outputs (rank 0)
 
 
 class MetricsFile(Callback):
@@ -74,7 +218,7 @@ class MetricsFile(Callback):
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
         self._write(record)
         log.info(
             "step %d | loss %.4f | lr %.3e | grad_norm %s | %.0f tok/s",
@@ -82,7 +226,7 @@ class MetricsFile(Callback):
             record["loss"],
             record["lr"],
             "n/a" if record.get("grad_norm") is None else f"{record['grad_norm']:.3f}",
-            record["tokens_per_s"],
+            record.get("tokens_per_s") or 0.0,
         )
 
     def on_eval(self, trainer: Any, record: dict[str, Any]) -> None:
@@ -93,12 +237,15 @@ class MetricsFile(Callback):
 
 
 class Progress(Callback):
-    """A rich progress bar on rank 0: step, loss, lr, tokens/s and ETA."""
+    """A rich progress bar on rank 0 (a terminal only): step, loss, lr, tokens/s and ETA. Log
+    lines go through the same console, so they print above the bar instead of through it."""
 
-    def __init__(self, total_steps: int) -> None:
+    def __init__(self, total_steps: int, console_handler: ConsoleHandler | None) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.total = total_steps
+        self.handler = console_handler
         self.bar = Progress(
             TextColumn("step {task.completed}/{task.total}"),
             BarColumn(),
@@ -106,32 +253,39 @@ class Progress(Callback):
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
             transient=False,
         )
         self.task = None
 
     def on_train_start(self, trainer: Any) -> None:
         self.bar.start()
+        if self.handler is not None:
+            self.handler.console = self.bar.console
         self.task = self.bar.add_task("train", total=self.total, completed=trainer.state.step, stats="")
 
-    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
-        stats = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
+        stats = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record.get('tokens_per_s') or 0:.0f} tok/s"
         self.bar.update(self.task, completed=record["step"], stats=stats)
 
     def on_train_end(self, trainer: Any) -> None:
         self.bar.stop()
+        if self.handler is not None:
+            self.handler.console = None
 
 
 class TensorBoard(Callback):
     """TensorBoard scalars under <output_dir>/tb (needs the [track] extra)."""
+
+    SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "data_wait_s")
 
     def __init__(self, logdir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(logdir))
 
-    def on_step(self, trainer: Any, record: dict[str, Any]) -> None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
+        for key in self.SCALARS:
             if record.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
@@ -189,40 +343,22 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
     return png_path
 
 
-class Throughput:
-    """tokens/s over the window since the last log, counting non-pad tokens of all ranks."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.window_start = self.start
-        self.window_tokens = 0
-
-    def add(self, tokens: int) -> None:
-        self.window_tokens += tokens
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        rate = self.window_tokens / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_tokens = now, 0
-        return rate
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def callbacks_for(job: Any, dist: DistInfo, total_steps: int) -> list[Callback]:
-    """Rank 0 gets the side effects; other ranks get none (they only log warnings)."""
+def callbacks_for(
+    job: Any, dist: DistInfo, total_steps: int, console_handler: ConsoleHandler | None = None
+) -> list[Callback]:
+    """Measurements on every rank; files and progress on rank 0 only."""
+    callbacks: list[Callback] = [Throughput(), Memory(dist.device)]
     if not dist.is_main:
-        return []
+        return callbacks
     out = Path(job.output_dir)
     metrics = out / "metrics.jsonl"
-    callbacks: list[Callback] = [MetricsFile(metrics)]
-    if job.log.progress and sys.stderr.isatty():
-        callbacks.append(Progress(total_steps))
+    callbacks.append(MetricsFile(metrics))
+    if job.log.progress and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        callbacks.append(Progress(total_steps, console_handler))
     if job.log.tensorboard:
         callbacks.append(TensorBoard(out / "tb"))
     if job.log.plot:

@@ -62,8 +62,15 @@ def is_muon_param(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim == 2 and "embed" not in name and "lm_head" not in name
 
 
+DECAY, NO_DECAY = "decay", "no_decay"  # param group names (engine.apply_hyperparameters reads them)
+
+
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Weight decay on matrices, none on biases and norm weights (1-D); trainable params only."""
+    """Weight decay on matrices, none on biases and norm weights (1-D); trainable params only.
+
+    Groups are named (``decay`` / ``no_decay``) so their role survives a checkpoint load, where
+    the saved weight decay of both may be 0.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -71,9 +78,9 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any
         if cfg.name == "muon":
             param.use_muon = is_muon_param(name, param)  # read by DeepSpeed's Muon optimizer
         (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": DECAY}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": NO_DECAY})
     return groups
 
 

@@ -2,10 +2,15 @@
 
 Loss contract: the loss is the mean over the *target tokens of the whole optimizer step*
 (all micro-batches, all ranks), so grad-accum splits, padding and masking do not change it.
-The step's target-token count N is all-reduced before the first backward. Each micro-batch
-then contributes ``sum_token_loss * world_size / N``: DeepSpeed averages gradients over ranks
-(divides by world_size) and we pass ``scale_wrt_gas=False`` so it does not also divide by the
-accumulation steps. The result is d(sum of all token losses / N).
+The caller passes the step's all-reduced target count N (the Trainer gets it from the one
+all-reduce it does per step, before the first forward). Each micro-batch then contributes
+``sum_token_loss * world_size / N``: DeepSpeed averages gradients over ranks (divides by
+world_size) and we pass ``scale_wrt_gas=False`` so it does not also divide by the accumulation
+steps. The result is d(sum of all token losses / N).
+
+Syncs: none of its own per micro-batch. The summed loss stays on the device, detached, and is
+reduced by the Trainer on log steps only; the gradient norm is DeepSpeed's (which its clipping
+computes anyway).
 """
 
 from __future__ import annotations
@@ -16,25 +21,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.dist import DistInfo, all_reduce_sum
+from trainer.data.packing import IGNORE_INDEX, Batch
+from trainer.dist import DistInfo
 
-Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured, already reduced over ranks."""
+    """What one optimizer step measured on this rank."""
 
-    loss: float
-    grad_norm: float | None
-    target_tokens: int
-    tokens: int
+    loss_sum: torch.Tensor  # summed token loss of this rank's micro-batches (detached, on the device)
+    grad_norm: float | None  # global gradient norm before clipping
+    lrs: list[float]  # the optimizer's lr per param group, as used by this update
 
 
 def target_count(batch: Batch) -> int:
-    """Tokens that carry a loss: labels are shifted inside the model, so count labels[:, 1:]."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    """Tokens that carry a loss: labels are shifted inside the loss, so count labels[:, 1:]."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def token_count(batch: Batch) -> int:
@@ -47,14 +51,21 @@ def token_count(batch: Batch) -> int:
 
 
 def summed_loss(model: Any, batch: Batch, device: str) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's target tokens (fp32 logits)."""
+    """Sum of next-token cross-entropy over the batch's target tokens, accumulated in fp32.
+
+    The labels are shifted, not the logits: slicing ``logits[:, :-1]`` would copy the
+    ``[tokens, vocab]`` tensor in forward and again in backward (1.2 GB per 2k tokens at a
+    152k vocabulary). Each position's label is the next token; the last position has none.
+    """
     inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"].to(device, non_blocking=True)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    flat = logits.flatten(0, 1)
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
+        flat if flat.dtype == torch.float32 else flat.float(),
+        shifted.flatten(),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
@@ -66,37 +77,38 @@ class TrainModule:
         self.engine = engine
         self.dist = dist
 
-    def train_step(self, micro_batches: list[Batch]) -> StepResult:
-        local_targets = sum(target_count(b) for b in micro_batches)
-        local_tokens = sum(token_count(b) for b in micro_batches)
-        total_targets, total_tokens = all_reduce_sum([local_targets, local_tokens], self.dist)
-        scale = self.dist.world_size / max(total_targets, 1.0)
-        self.engine.train()
-        local_loss = 0.0
-        for batch in micro_batches:
-            loss_sum = summed_loss(self.engine, batch, self.dist.device)
-            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            self.engine.step()
-            local_loss += loss_sum.item()
-        (loss_total,) = all_reduce_sum([local_loss], self.dist)
-        norm = self.engine.get_global_grad_norm()
-        return StepResult(
-            loss=loss_total / max(total_targets, 1.0),
-            grad_norm=float(norm) if norm is not None else None,
-            target_tokens=int(total_targets),
-            tokens=int(total_tokens),
-        )
+    def train_step(self, micro_batches: list[Batch], total_targets: int) -> StepResult:
+        """Forward/backward every micro-batch and step; ``total_targets`` is the step's target
+        count over all ranks (every rank must pass the same number of micro-batches)."""
+        engine = self.engine
+        lrs = [float(lr) for lr in engine.get_lr()]  # read before the scheduler steps
+        scale = self.dist.world_size / max(total_targets, 1)
+        engine.train()
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(micro_batches):
+            loss = summed_loss(engine, batch, self.dist.device)
+            engine.backward(loss * scale, scale_wrt_gas=False)
+            own_norm = None
+            if i == len(micro_batches) - 1:
+                own_norm = self._stage0_grad_norm()
+            engine.step()
+            loss_sum += loss.detach()
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            norm = own_norm
+        return StepResult(loss_sum=loss_sum, grad_norm=None if norm is None else float(norm), lrs=lrs)
+
+    def _stage0_grad_norm(self) -> float | None:
+        """ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm; at the boundary the
+        gradients are already all-reduced on every rank, so take it here (before clipping)."""
+        engine = self.engine
+        if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+            return None
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     @torch.no_grad()
-    def eval_sums(self, batch: Batch | None, template: Batch) -> tuple[float, int]:
-        """(summed loss, target tokens) of one batch; ``None`` runs a fully masked stand-in.
-
-        Every rank must run the same number of forwards (ZeRO-3 gathers parameters in a
-        collective), so a rank whose eval shard is exhausted forwards ``template`` with all
-        labels masked and contributes nothing.
-        """
-        if batch is None:
-            batch = dict(template)
-            batch["labels"] = torch.full_like(template["labels"], -100)
+    def eval_sums(self, batch: Batch) -> tuple[float, int]:
+        """(summed loss, target tokens) of one eval batch (a filler batch gives (0.0, 0))."""
         self.engine.eval()
         return float(summed_loss(self.engine, batch, self.dist.device)), target_count(batch)

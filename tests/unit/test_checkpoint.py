@@ -4,7 +4,6 @@ import os
 import random
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +12,10 @@ import torch
 from trainer.checkpoint import (
     COMPLETE,
     Checkpointer,
+    RNGState,
     check_resume_config,
     newest_complete,
     resolve_resume,
-    rng_state,
-    set_rng_state,
 )
 from trainer.config import build_config
 from trainer.dist import DistInfo
@@ -62,21 +60,37 @@ def test_bare_resume_without_checkpoints_is_an_error_and_auto_starts_fresh(tmp_p
     assert resolve_resume("auto", tmp_path) is None
 
 
-def test_prune_keeps_the_last_n_and_the_best(tmp_path):
+def test_prune_keeps_the_last_n_and_the_protected(tmp_path):
     ckpts = make_ckpts(tmp_path, complete=[5, 10, 15, 20, 25], incomplete=[3])
-    job = build_config(base={"tokenizer": "t", "output_dir": str(tmp_path), "train": {"keep_last": 2}})
-    trainer = SimpleNamespace(state=SimpleNamespace(best_step=10))
-    Checkpointer(job, DistInfo(), tokenizer=None).prune(trainer)
+    checkpointer = Checkpointer(tmp_path, DistInfo(), engine=None, shared={}, per_rank={}, keep_last=2)
+    checkpointer.prune(protect=[10])
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_10", "step_20", "step_25"]
+    checkpointer.prune()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_20", "step_25"]
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_the_best_checkpoint_is_protected_only_with_keep_best(keep_best):
+    from trainer.loop import Trainer
+
+    class Saves:
+        def __init__(self):
+            self.calls = []
+
+        def save(self, step, protect=()):
+            self.calls.append((step, list(protect)))
+
+    job = build_config(base={"tokenizer": "t", "train": {"keep_best": keep_best}})
+    trainer = Trainer(job, DistInfo(), None, [], None, total_steps=1, callbacks=[], checkpointer=Saves())
+    trainer.state.step, trainer.state.best_step = 20, 10
+    trainer._save()
+    assert trainer.checkpointer.calls == [(20, [10] if keep_best else [])]
 
 
 def test_config_changes_on_resume():
     saved = build_config(base={"tokenizer": "t"})
     lr_changed = build_config(base={"tokenizer": "t", "optim": {"lr": 1e-3}})
-    diff, reset = check_resume_config(saved, lr_changed)
-    assert diff == {"optim.lr": (2e-5, 1e-3)} and reset is False
-    _, reset = check_resume_config(saved, build_config(base={"tokenizer": "t", "data": {"max_seq_len": 256}}))
-    assert reset is True
+    assert check_resume_config(saved, lr_changed) == {"optim.lr": (2e-5, 1e-3)}
     arch = build_config(base={"tokenizer": "t", "model": {"overrides": {"hidden_size": 64}}})
     with pytest.raises(CheckpointError, match=r"model\.overrides changed") as info:
         check_resume_config(saved, arch)
@@ -95,8 +109,9 @@ def test_signals_only_set_a_flag():
     assert signal.getsignal(signal.SIGTERM) is not pre._handle
 
 
-def test_rng_state_round_trip():
-    state = rng_state()
+def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
+    rng = RNGState()
+    torch.save(rng.state_dict(), tmp_path / "rng.pt")
     first = (random.random(), np.random.rand(), torch.rand(1).item())
-    set_rng_state(state)
+    rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first

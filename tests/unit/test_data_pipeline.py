@@ -1,7 +1,6 @@
 """The streaming data pipeline in one process: packing policy, coverage, order, resume, errors.
 
-Two-rank behaviour (the per-batch agreement between ranks) runs with real gloo processes in
-``tests/distributed/test_data_pipeline_dist.py``.
+Ranks are simulated by building one TrainData per rank in this process (it does no collective).
 """
 
 from __future__ import annotations
@@ -49,7 +48,11 @@ def cfg_for(paths, **kw) -> DataConfig:
 
 
 def epoch_batches(data) -> list[dict[str, torch.Tensor]]:
-    return list(iter(data))
+    """This rank's batches of the current epoch, then the epoch's end (what the Trainer does
+    once every rank has run out)."""
+    batches = list(iter(data))
+    data.end_epoch()
+    return batches
 
 
 def doc_sequence(batches) -> list[int]:
@@ -133,7 +136,7 @@ def test_batch_format(tmp_path, tok):
 @pytest.mark.parametrize("num_files", [1, 3, 7])
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_one_rank_coverage_and_order(tmp_path, tok, num_workers, num_files):
-    """Each doc at most once per epoch; unseen docs == dropped + skipped (both 0 here); epochs differ."""
+    """Each doc exactly once per epoch (none skipped here); epochs differ."""
     paths = write_corpus(tmp_path, num_files, 84 // num_files + 5, row_group_size=7)
     all_ids = set(pq.read_table(paths[0]).column("doc_id").to_pylist())
     for p in paths[1:]:
@@ -149,8 +152,8 @@ def test_one_rank_coverage_and_order(tmp_path, tok, num_workers, num_files):
         assert len(firsts) == len(set(firsts)), "a document was yielded twice"
         assert set(seq) <= all_ids
         unseen = all_ids - set(seq)
-        assert len(unseen) == data.dropped_docs + data.skipped_docs == 0
-        assert data.last_epoch is not None and data.last_epoch["filler_batches"] == 0
+        assert not unseen and data.skipped_docs == 0
+        assert data.last_epoch is not None and data.last_epoch["batches"] == len(batches)
         orders.append(firsts)
     assert data.epoch == 2
     assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
@@ -193,6 +196,7 @@ def test_resume_in_process(tmp_path, tok, pack, num_workers):
         for b in data:
             ref.append(b["doc_ids"].tolist())
             states[len(ref)] = pickle.dumps(data.state_dict())
+        data.end_epoch()
     per_epoch = len(ref) // 2
     for k in (1, per_epoch // 2, per_epoch):
         fresh = build_train_data(cfg, tok, ONE, seed=5, micro_batch_size=2)
@@ -200,6 +204,8 @@ def test_resume_in_process(tmp_path, tok, pack, num_workers):
         out = []
         while len(out) < 12:
             out.extend(b["doc_ids"].tolist() for b in fresh)
+            if fresh.state_dict()["local_done"]:
+                fresh.end_epoch()
         assert out[:12] == ref[k : k + 12], k
 
 
@@ -379,7 +385,7 @@ def test_null_empty_nonstring_are_skipped_and_counted(tmp_path, tok):
     pq.write_table(pa.table({"doc_id": list(range(6)), "text": texts}), path)
     data = build_train_data(cfg_for([path]), tok, ONE, 0, 2)
     assert set(doc_sequence(epoch_batches(data))) == {0, 3, 5}
-    assert data.skipped_docs == 3 and data.dropped_docs == 0
+    assert data.skipped_docs == 3
     jpath = write_json_records(
         tmp_path / "holes.jsonl",
         [

@@ -6,11 +6,9 @@ tokens can be counted: over the batches before the save and after the re-shard, 
 every training document must appear exactly once (nothing repeated, nothing dropped). The
 only documents seen on both sides are the old shards' packer carries (head before, tail after).
 
-The ranks' per-batch agreement runs over a real one-process gloo group, so the simulated ranks
-of one run are iterated one after the other and never wait for each other: the old ranks stop
-long before their shards end, and each new rank runs to its own end (no filler batches are
-needed to check coverage). Two-rank agreement itself is covered in
-``tests/distributed/test_data_pipeline_dist.py``.
+A rank's TrainData does no collective, so the simulated ranks of one run are iterated one
+after the other in this process: the old ranks stop long before their shards end, and each new
+rank runs to its own end.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import load_tokenizer_file, make_docs, train_tokenizer
-from tests.launch import free_port
 from trainer.data import build_eval_batches, build_train_data, encode_texts
 from trainer.data.config import DataConfig
 from trainer.data.sharding import deal_ranges, merge_ranges, ranges_rows
@@ -38,18 +35,6 @@ MICRO_BATCH = 2
 SEQ = 32
 BUFFER = 8
 SAVED_AFTER = 5  # batches each old rank yields before the save
-
-
-@pytest.fixture(scope="module")
-def gloo():
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        yield
-        return
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    tdist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +103,8 @@ def resume_new(tok, paths, states, world: int, workers: int, pack: bool = True):
         data = build(tok, paths, world, rank, workers, pack)
         data.load_resharded(states)
         counts += token_counts(list(data))
-        assert data.epoch == states[0]["epoch"] + 1 and data.dropped_docs == 0
+        data.end_epoch()
+        assert data.epoch == states[0]["epoch"] + 1
     return counts
 
 
@@ -139,7 +125,7 @@ def carried_docs(states) -> set[int]:
     ids=["2x1-to-1x0", "1x0-to-2x0", "2x1-to-1x2", "2x0-to-1x0-unpacked"],
 )
 def test_reshard_covers_every_token_once(
-    gloo, tok, corpus, caplog, old_world, old_workers, new_world, new_workers, pack
+    tok, corpus, caplog, old_world, old_workers, new_world, new_workers, pack
 ):
     paths, lengths = corpus
     want = expected_tokens(tok, paths, lengths, pack)
@@ -155,7 +141,7 @@ def test_reshard_covers_every_token_once(
             after = resume_new(tok, paths, states, new_world, new_workers, pack)
     finally:
         logger.removeHandler(caplog.handler)
-    assert any("re-sharded" in r.message and "dropped 0" in r.message for r in caplog.records)
+    assert any("re-sharded" in r.message for r in caplog.records)
     total = before + after
     assert dict(total) == want, "a token was repeated or lost across the re-shard"
     # Documents on both sides of the save: exactly the packer carries, at most one per old shard.
@@ -164,10 +150,9 @@ def test_reshard_covers_every_token_once(
     assert len(both) <= len(shards) and (pack or not both)
 
 
-def test_documents_cut_at_a_block_end_and_old_state_layout(gloo, tok, tmp_path):
+def test_documents_cut_at_a_block_end(tok, tmp_path):
     """Documents of several chunks: a shuffle block can end inside one, whose remaining chunks
-    travel with the leftover. States written before re-sharding existed (no ``ranges``,
-    ``block_end``, ``leftovers``, ``reshard``) re-shard the same way, by re-reading the block."""
+    travel with the leftover."""
     docs = make_docs(60, seed=7, min_words=10, max_words=70, numbered=False)
     path = tmp_path / "long.parquet"
     pq.write_table(pa.table({"doc_id": list(range(60)), "text": docs}), path, row_group_size=5)
@@ -180,17 +165,10 @@ def test_documents_cut_at_a_block_end_and_old_state_layout(gloo, tok, tmp_path):
         cut += sum(s["block_end"][2] > 0 for st in states for s in st["shards"])
         after = resume_new(tok, [path], states, 1, 0)
         assert dict(before + after) == want, k
-        legacy = pickle.loads(pickle.dumps(states))
-        for st in legacy:
-            del st["reshard"]
-            for s in st["shards"]:
-                for key in ("ranges", "block_end", "block_len", "leftovers"):
-                    del s[key]
-        assert resume_new(tok, [path], legacy, 1, 0) == after
     assert cut, "no save fell where a block ends inside a document"
 
 
-def test_reshard_twice_inside_the_leftovers(gloo, tok, corpus):
+def test_reshard_twice_inside_the_leftovers(tok, corpus):
     """2 ranks -> 1 rank (one batch, still inside the inherited leftovers) -> 2 ranks."""
     paths, lengths = corpus
     want = expected_tokens(tok, paths, lengths, True)
@@ -205,7 +183,7 @@ def test_reshard_twice_inside_the_leftovers(gloo, tok, corpus):
 
 
 @pytest.mark.parametrize("new_workers", [0, 2])
-def test_state_after_reshard_resumes_exactly(gloo, tok, corpus, new_workers):
+def test_state_after_reshard_resumes_exactly(tok, corpus, new_workers):
     """Mid re-sharded epoch (also right after the re-shard, and inside the leftovers), a saved
     state continues with the same batches; the next epoch is sharded normally."""
     paths, _ = corpus
@@ -218,6 +196,7 @@ def test_state_after_reshard_resumes_exactly(gloo, tok, corpus, new_workers):
         batches.append(b["doc_ids"].tolist())
         if len(batches) in (1, 9):
             saved[len(batches)] = pickle.dumps(ref.state_dict())
+    ref.end_epoch()
     assert ref.epoch == 1 and len(batches) > 12
     for k, blob in saved.items():
         fresh = build(tok, paths, 1, 0, new_workers)
@@ -229,7 +208,7 @@ def test_state_after_reshard_resumes_exactly(gloo, tok, corpus, new_workers):
         assert [b["doc_ids"].tolist() for b in ref] == [b["doc_ids"].tolist() for b in normal]
 
 
-def test_reshard_refuses_other_data_or_inconsistent_states(gloo, tok, corpus, tmp_path):
+def test_reshard_refuses_other_data_or_inconsistent_states(tok, corpus, tmp_path):
     paths, _ = corpus
     _, states = save_old(tok, paths, 2, 0, True, k=2)
     with pytest.raises(DataError, match=r"files removed: .*part-2") as err:

@@ -1,60 +1,112 @@
-"""The Trainer's *when* logic with plain stand-ins for data and step (no engine needed)."""
+"""The Trainer's *when* logic with plain stand-ins for data and step (one rank, no engine)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import torch
+
+from trainer.config import build_config
+from trainer.data.packing import IGNORE_INDEX
+from trainer.dist import DistInfo
+from trainer.loop import Trainer
+from trainer.train_module import StepResult, target_count
 
 
-def test_epochs_mode_stops_on_epochs_not_on_the_step_estimate():
-    from trainer.config import build_config
-    from trainer.dist import DistInfo
-    from trainer.loop import Trainer
+def batch(doc_id: int, targets: int = 3) -> dict[str, torch.Tensor]:
+    """One row of ``targets + 1`` tokens of one document (labels shift: targets = len - 1)."""
+    ids = torch.full((1, targets + 1), doc_id)
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": torch.arange(targets + 1)[None],
+        "doc_ids": ids,
+    }
 
-    class Data:
-        """Three micro-batches per epoch; the loop must run both epochs whatever total_steps says."""
 
-        def __iter__(self):
-            return iter([{"n": i} for i in range(3)])
+class Data:
+    """``per_epoch`` micro-batches per epoch, doc ids ``epoch * 100 + i``; ends like TrainData."""
 
-    class Module:
-        steps = 0
+    def __init__(self, per_epoch: int) -> None:
+        self.per_epoch, self.epoch, self.pos = per_epoch, 0, 0
 
-        def train_step(self, micro):
-            Module.steps += 1
-            return SimpleNamespace(loss=1.0, grad_norm=None, target_tokens=1, tokens=1)
+    def __iter__(self):
+        while self.pos < self.per_epoch:
+            self.pos += 1
+            yield batch(self.epoch * 100 + self.pos - 1)
 
-    job = build_config(base={"tokenizer": "t", "train": {"epochs": 2, "grad_accum": 1, "eval_every": 0}})
-    trainer = Trainer(job, DistInfo(), Module(), Data(), None, total_steps=2, callbacks=[])
+    def end_epoch(self) -> None:
+        self.epoch, self.pos = self.epoch + 1, 0
+
+
+class Module:
+    """Records every step's micro-batches; the loss sum is ``loss_per_target * targets``."""
+
+    def __init__(self, loss_per_target=None) -> None:
+        self.steps: list[list[dict]] = []
+        self.loss_per_target = iter(loss_per_target or [])
+
+    def train_step(self, micro, total_targets):
+        self.steps.append(micro)
+        assert total_targets == sum(target_count(b) for b in micro)
+        per = next(self.loss_per_target, 1.0)
+        return StepResult(loss_sum=torch.tensor(per * total_targets), grad_norm=None, lrs=[1e-3])
+
+
+class Recorder:
+    def __init__(self):
+        self.records = []
+
+    def __getattr__(self, hook):
+        return lambda trainer, *args: None
+
+    def on_log(self, trainer, record):
+        self.records.append(record)
+
+
+def trained_doc_ids(module: Module) -> list[int]:
+    return [
+        int(b["doc_ids"][0, 0])
+        for micro in module.steps
+        for b in micro
+        if (b["labels"] != IGNORE_INDEX).any()
+    ]
+
+
+def test_epochs_mode_stops_on_epochs_and_trains_the_leftover_micro_batches():
+    """3 micro-batches per epoch with grad_accum 2: the third is trained in a step padded with a
+    filler (nothing is dropped at the epoch end), and training stops after 2 epochs whatever
+    the step estimate says."""
+    job = build_config(base={"tokenizer": "t", "train": {"epochs": 2, "grad_accum": 2, "eval_every": 0}})
+    module = Module()
+    trainer = Trainer(job, DistInfo(), module, Data(3), None, total_steps=2, callbacks=[])
     state = trainer.fit()
-    assert Module.steps == 6 and state.epoch == 2
+    assert state.epoch == 2 and state.step == 4
+    assert all(len(micro) == 2 for micro in module.steps), "every step runs grad_accum forwards"
+    assert trained_doc_ids(module) == [0, 1, 2, 100, 101, 102]
+    fillers = [b for micro in module.steps for b in micro if (b["labels"] == IGNORE_INDEX).all()]
+    assert len(fillers) == 2 and all(f["input_ids"].shape == (1, 1) for f in fillers)
 
 
-def test_logged_loss_is_the_mean_over_the_steps_since_the_previous_record():
-    from trainer.config import build_config
-    from trainer.dist import DistInfo
-    from trainer.loop import Trainer
-
-    losses = iter([1.0, 2.0, 3.0, 5.0, 8.0])
-
-    class Module:
-        def train_step(self, micro):
-            return SimpleNamespace(loss=next(losses), grad_norm=None, target_tokens=1, tokens=1)
-
-    class Recorder:
-        def __init__(self):
-            self.records = []
-
-        def __getattr__(self, hook):
-            return lambda trainer, *args: None
-
-        def on_step(self, trainer, record):
-            self.records.append((record["step"], record["loss"]))
-
+def test_logged_loss_is_the_token_mean_over_the_steps_since_the_previous_record():
     job = build_config(
         base={"tokenizer": "t", "train": {"max_steps": 5, "grad_accum": 1, "log_every": 2, "eval_every": 0}}
     )
     recorder = Recorder()
-    data = [{"n": i} for i in range(5)]
-    Trainer(job, DistInfo(), Module(), data, None, total_steps=5, callbacks=[recorder]).fit()
-    # Steps 1-2, 3-4, then the last step (always logged) alone.
-    assert recorder.records == [(2, 1.5), (4, 4.0), (5, 8.0)]
+    data = [batch(i, targets=t) for i, t in enumerate([1, 3, 2, 2, 5])]
+    module = Module(loss_per_target=[1.0, 2.0, 3.0, 5.0, 8.0])
+    Trainer(job, DistInfo(), module, data, None, total_steps=5, callbacks=[recorder]).fit()
+    got = [(r["step"], round(r["loss"], 6)) for r in recorder.records]
+    # Steps 1-2: (1*1 + 2*3) / 4; steps 3-4: (3*2 + 5*2) / 4; then the last step alone.
+    assert got == [(2, 1.75), (4, 4.0), (5, 8.0)]
+    assert all(r["lr"] == 1e-3 and r["lrs"] == [1e-3] for r in recorder.records)
+
+
+def test_a_step_without_target_tokens_is_not_taken():
+    """A micro-batch with every label masked (an SFT row truncated to its prompt) is consumed but
+    no optimizer step runs for a step that has no target token at all."""
+    masked = batch(7)
+    masked["labels"][:] = IGNORE_INDEX
+    data = [masked, batch(8)]
+    job = build_config(base={"tokenizer": "t", "train": {"max_steps": 1, "grad_accum": 1, "eval_every": 0}})
+    module = Module()
+    state = Trainer(job, DistInfo(), module, data, None, total_steps=1, callbacks=[]).fit()
+    assert state.step == 1 and trained_doc_ids(module) == [8]

@@ -153,6 +153,21 @@ def collate(rows: list[Row], micro_batch_size: int, pad_id: int, pack: bool, seq
     return batch
 
 
-def filler_batch(micro_batch_size: int, pad_id: int, pack: bool, seq_len: int) -> Batch:
-    """A batch with no target tokens (all labels -100): what a rank out of data yields."""
-    return collate([], micro_batch_size, pad_id, pack, seq_len if pack else 1)
+def filler_batch(attention_mask: bool) -> Batch:
+    """A one-token batch that carries no loss (label ``IGNORE_INDEX``, doc id -1).
+
+    What a rank runs when it has no data for a micro-batch slot that other ranks fill (the
+    Trainer pads every rank's step to the same number of forwards, which ZeRO-3's parameter
+    gathers and every stage's gradient reduction need). One token keeps its cost negligible;
+    ``attention_mask`` matches the data's batches (padded mode), so the model sees one kind of input.
+    """
+    zeros = torch.zeros((1, 1), dtype=torch.long)
+    batch = Batch(
+        input_ids=zeros,
+        labels=torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+        position_ids=zeros.clone(),
+        doc_ids=torch.full((1, 1), -1, dtype=torch.long),
+    )
+    if attention_mask:
+        batch["attention_mask"] = torch.ones((1, 1), dtype=torch.long)
+    return batch

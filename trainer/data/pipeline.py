@@ -1,17 +1,14 @@
 """The trainer-facing objects: :class:`TrainData` (an epoch-aware, resumable batch iterable) and
 :class:`EvalBatches`, and the two builders of ``trainer.data``.
 
-Keeping ranks in step: shards hold equal numbers of *rows* (+-1), but not of tokens, so one
-rank's shard can run out a batch or more before another's. The main process of each rank
-therefore agrees, once per micro-batch, whether *any* rank still has a batch (an ``all_reduce``
-MAX of one integer on a CPU gloo group, so it never synchronises a GPU stream). A rank that
-has run out yields *filler batches* (no target tokens: labels all -100, ``doc_ids`` -1) until
-all ranks are done, so every rank yields the same number of micro-batches per epoch and the
-epoch ends together with no hang. Nothing is dropped: ``dropped_docs`` is 0 by construction
-(every row is read exactly once; a shard's last partial batch is completed with filler rows).
-The price is the filler compute at each epoch's end, about the token imbalance between
-shards. A consequence for the loss: a micro-batch may carry zero target tokens; sum token
-losses and divide by the all-reduced target count, never take a per-batch mean.
+Ranks: a rank's TrainData is purely local (no collective). Shards hold equal numbers of
+*rows* (+-1), but not of tokens, so one rank's shard can run out a batch or more before
+another's: iterating simply ends there (``local_done``), and the epoch stays open until the
+Trainer calls :meth:`TrainData.end_epoch`. Keeping ranks in step is the Trainer's job, with the
+one small all-reduce it does per optimizer step anyway: a rank that is out of data runs
+one-token filler micro-batches (``packing.filler_batch``) until every rank is, so all ranks
+run the same number of forwards and the epoch ends together. Nothing is dropped: every row is
+read exactly once and every batch is trained on.
 
 Resuming on another world size or worker count (:meth:`TrainData.load_resharded`, called
 with every old rank's state): the run continues the saved epoch, and no token is repeated or
@@ -27,7 +24,7 @@ tokens, so the re-sharded position is itself a small state, saved and exactly re
 new world size. The price: a document whose head was trained before the save and whose tail
 was a packer carry appears on both sides (its tokens once each), at most one per old shard;
 leftover chunks are not mixed into the new shards' shuffle; and ``skipped_docs`` of the
-re-sharded epoch counts only what the new shards read. ``dropped_docs`` stays 0. The next
+re-sharded epoch counts only what the new shards read. Nothing is dropped. The next
 epoch is sharded normally for the new world size.
 """
 
@@ -40,11 +37,10 @@ from collections.abc import Iterator
 from typing import Any, TypedDict
 
 import numpy as np
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.config import DataConfig
-from trainer.data.packing import Batch, filler_batch
+from trainer.data.packing import Batch
 from trainer.data.sharding import build_units, deal_ranges, merge_ranges, ranges_rows, shard_bounds
 from trainer.data.sources import SourceFile, describe_file, read_group, resolve_paths
 from trainer.data.stream import (
@@ -59,10 +55,14 @@ from trainer.data.tokenize import encode_texts, eos_id, pad_id, tokenizer_finger
 from trainer.dist import DistInfo
 from trainer.errors import DataError
 from trainer.signals import ignore_stop_signals
+from trainer.state import RankStates
 
 log = logging.getLogger("dstrain.data")  # under the trainer's logger: rank 0's INFO lines reach train.log
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Fingerprint keys whose change re-deals the saved position (``load_resharded``) instead of
+#: restarting the epoch: they change who reads what and how it is batched, never the rows' order.
+REDEAL_KEYS = ("world_size", "num_workers", "micro_batch_size", "buffer_size")
 #: Eval batches are kept in memory after the first pass when they hold at most this many tokens.
 EVAL_CACHE_TOKENS = 4_000_000
 
@@ -91,9 +91,8 @@ class TrainDataState(TypedDict):
     rank: int
     fingerprint: DataFingerprint
     epoch: int
-    batches_in_epoch: int  # micro-batches yielded this epoch (filler included)
-    filler_batches: int  # of which filler
-    local_done: bool  # this rank's shards are exhausted (it yields filler until all are)
+    batches_in_epoch: int  # micro-batches this rank yielded this epoch
+    local_done: bool  # this rank's shards are exhausted (the epoch ends when every rank's are)
     loader: dict[str, Any] | None  # StatefulDataLoader state; None = start of the epoch
     shards: list[ShardState]  # per-worker positions (read from ``loader``): the re-shard seam
     reshard: list[ShardPlan] | None  # this rank's shards' work in a re-sharded epoch, else None
@@ -117,26 +116,24 @@ class EpochStats(TypedDict):
     """What one finished epoch yielded on this rank."""
 
     epoch: int
-    batches: int  # micro-batches yielded (filler included); equal on all ranks
-    filler_batches: int  # batches without target tokens, yielded while other ranks still had data
+    batches: int  # micro-batches this rank yielded
     skipped_docs: int  # null/empty/non-string values skipped by this rank's shards
-    dropped_docs: int  # documents read but not yielded: 0 by construction
 
 
 class TrainData:
     """The training batches of this rank: iterate for the rest of the current epoch.
 
-    Attributes: ``epoch`` (current epoch, from 0), ``batches_in_epoch`` and ``filler_batches``
-    (so far in the current epoch), ``last_epoch`` (:class:`EpochStats` of the last finished
-    epoch, or None), ``skipped_docs`` and ``dropped_docs`` (of the last finished epoch, this
-    rank; dropped is always 0, see the module docstring), ``files``.
+    Iterating yields this rank's remaining micro-batches of the current epoch and stops when
+    its shards are exhausted (``local_done``); the epoch advances only on :meth:`end_epoch`.
+    Attributes: ``epoch`` (current epoch, from 0), ``batches_in_epoch`` (so far), ``last_epoch``
+    (:class:`EpochStats` of the last finished epoch, or None), ``skipped_docs`` (of the last
+    finished epoch, this rank), ``files``.
 
-    Resume: ``state_dict()`` / ``load_state_dict(state)`` restore the exact position (same
-    files, world size, workers, batch shape, tokenizer, else :class:`DataError` naming what
-    changed). ``load_resharded(states)`` derives this rank's position from all ranks' states of
-    a run with another world size or worker count. ``load_state_dict(state, strict=False)`` or
-    ``start_epoch(epoch)`` instead start an epoch from its beginning: the way to continue after
-    the data or max_seq_len changed.
+    Resume (:meth:`load_rank_states`, the checkpoint protocol): the exact position when the
+    data settings match; re-dealt from every saved rank's position (:meth:`load_resharded`)
+    when only the world size, worker count, micro-batch size or shuffle buffer changed; the saved
+    epoch restarted from its beginning when the data itself changed (files, sequence length,
+    packing, seed, tokenizer...), with a warning naming what changed.
     """
 
     def __init__(
@@ -149,9 +146,7 @@ class TrainData:
         self.files = spec.files
         self.epoch = 0
         self.batches_in_epoch = 0
-        self.filler_batches = 0
         self.skipped_docs = 0
-        self.dropped_docs = 0
         self.last_epoch: EpochStats | None = None
         self._stream = ShardStream(spec)
         self._loader: StatefulDataLoader | None = None
@@ -160,7 +155,6 @@ class TrainData:
         self._local_done = False
         self._done_shards: list[ShardState] = []  # final shard states once local_done
         self._plan: list[ShardPlan] | None = None  # this rank's shards in a re-sharded epoch
-        self._group: Any = None
         self._approx: int | None = None
 
     # -- iteration ------------------------------------------------------------------------------
@@ -179,90 +173,48 @@ class TrainData:
                 worker_init_fn=ignore_stop_signals,  # the rank's main process decides on a stop signal
             )
 
-    def _agree(self, status: int) -> int:
-        """The max over ranks of this rank's status: 0 out of data, 1 has a batch, 2 failed."""
-        if self.dist.world_size == 1:
-            return status
-        import torch.distributed as tdist
-
-        if not tdist.is_initialized():
-            raise RuntimeError(
-                "TrainData with world_size > 1 needs torch.distributed initialized before iterating"
-            )
-        if self._group is None:
-            # A CPU group keeps this tiny collective off the GPU stream (no device sync per batch).
-            backend = tdist.get_backend()
-            self._group = tdist.group.WORLD if backend == "gloo" else tdist.new_group(backend="gloo")
-        flag = torch.tensor([status], dtype=torch.int32)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
-
-    def _next_local(self) -> Batch | None:
-        assert self._iter is not None and self._loader is not None
-        batch = next(self._iter, None)
-        if batch is None:
-            self._local_done = True
-            self._done_shards = _find_shard_states(self._loader.state_dict())
-        return batch
-
     def __iter__(self) -> Iterator[Batch]:
-        if self._iter is None and not self._local_done:
+        """This rank's remaining batches of the current epoch (ends at ``local_done``)."""
+        if self._local_done:
+            return
+        if self._iter is None:
             self._loader = self._make_loader()
             if self._pending_loader_state is not None:
                 self._loader.load_state_dict(self._pending_loader_state)
                 self._pending_loader_state = None
             self._iter = iter(self._loader)
         while True:
-            batch, error = None, None
-            if not self._local_done:
-                try:
-                    batch = self._next_local()
-                except Exception as exc:  # re-raised below, after telling the other ranks
-                    error = exc
-            status = self._agree(2 if error is not None else int(batch is not None))
-            if error is not None:
-                raise _clean_worker_error(error) from None
-            if status == 2:
-                raise DataError(
-                    f"rank {self.dist.rank}: another rank failed while reading data; its log names the cause"
-                )
-            if status == 0:
-                break
+            try:
+                batch = next(self._iter, None)
+            except Exception as exc:
+                raise _clean_worker_error(exc) from None
             if batch is None:
-                batch = filler_batch(
-                    self.spec.micro_batch_size, self.spec.pad_id, self.spec.pack, self.spec.max_seq_len
-                )
-                self.filler_batches += 1
+                self._local_done = True
+                self._done_shards = _find_shard_states(self._loader.state_dict())
+                return
             self.batches_in_epoch += 1
             yield batch
-        self._finish_epoch()
 
-    def _finish_epoch(self) -> None:
+    def end_epoch(self) -> EpochStats:
+        """Close the current epoch (every rank is done with it) and start the next one."""
         shards = self._done_shards
         self.skipped_docs = sum(s["skipped_read"] for s in shards)
-        self.last_epoch = EpochStats(
-            epoch=self.epoch,
-            batches=self.batches_in_epoch,
-            filler_batches=self.filler_batches,
-            skipped_docs=self.skipped_docs,
-            dropped_docs=self.dropped_docs,
-        )
+        stats = EpochStats(epoch=self.epoch, batches=self.batches_in_epoch, skipped_docs=self.skipped_docs)
+        self.last_epoch = stats
         if self.dist.is_main:
             log.info(
-                "data: epoch %d done: %d micro-batches per rank (%d filler), rank 0 skipped %d "
-                "null/empty/non-string docs, dropped 0",
+                "data: epoch %d done: rank 0 read %d micro-batches and skipped %d null/empty/non-string docs",
                 self.epoch,
                 self.batches_in_epoch,
-                self.filler_batches,
                 self.skipped_docs,
             )
         self.start_epoch(self.epoch + 1)
+        return stats
 
     def start_epoch(self, epoch: int) -> None:
         """Forget the position and start ``epoch`` from its beginning on the next iteration."""
         self.epoch = epoch
         self.batches_in_epoch = 0
-        self.filler_batches = 0
         self._loader = None
         self._iter = None
         self._pending_loader_state = None
@@ -285,21 +237,28 @@ class TrainData:
             fingerprint=self.fingerprint,
             epoch=self.epoch,
             batches_in_epoch=self.batches_in_epoch,
-            filler_batches=self.filler_batches,
             local_done=self._local_done,
             loader=loader_state,
             shards=self._done_shards if self._local_done else _find_shard_states(loader_state),
             reshard=self._plan,
         )
 
+    def load_rank_states(self, states: RankStates) -> None:
+        """Resume from a checkpoint: exact, re-dealt or epoch restarted (see the class docstring)."""
+        own = states.own if states.own is not None else states.read(0)
+        _check_version(own, "this rank's")
+        old, new = own["fingerprint"], self.fingerprint
+        changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        if not changed:
+            self.load_state_dict(own)
+        elif changed <= set(REDEAL_KEYS):
+            self.load_resharded(states.all())
+        else:
+            self.load_state_dict(own, strict=False)
+
     def load_state_dict(self, state: TrainDataState, strict: bool = True) -> None:
         """Restore a position; ``strict=False`` keeps only the epoch and starts it from the beginning."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise DataError(
-                f"data state version {got!r} is not {STATE_VERSION}; resume with the dstrain version "
-                "that wrote it, or load it with strict=False to restart its epoch"
-            )
+        _check_version(state, "the")
         if not strict:
             if state["fingerprint"] != self.fingerprint:
                 log.warning(
@@ -322,21 +281,21 @@ class TrainData:
             )
         self.start_epoch(state["epoch"])
         self.batches_in_epoch = state["batches_in_epoch"]
-        self.filler_batches = state["filler_batches"]
         self._local_done = state["local_done"]
         self._done_shards = list(state["shards"]) if state["local_done"] else []
         self._pending_loader_state = state["loader"]
-        self._plan = state.get("reshard")  # absent in states written before re-sharding existed
+        self._plan = state["reshard"]
 
     def load_resharded(self, states: list[TrainDataState]) -> None:
-        """Continue the epoch of a run saved with another world size or worker count.
+        """Continue the epoch of a run saved with another world size, worker count, micro-batch
+        size or shuffle buffer.
 
         ``states`` are *all* old ranks' ``state_dict()``, ordered by rank. They must be in one
-        epoch and match this run in everything but world size and workers (else
+        epoch and match this run in everything but :data:`REDEAL_KEYS` (else
         :class:`DataError` naming what changed). Every old shard's leftovers (packer carry, rest
         of its shuffle block, rest of the document that block ended in) and the rows nobody read
         are dealt to the new shards (see the module docstring): no chunk that was yielded before
-        the save is yielded again, none is dropped (``dropped_docs`` stays 0), and only the
+        the save is yielded again, none is dropped, and only the
         document tails that were packer carries reach the new run having had their heads in the
         old one (at most one per old shard). Costs no reading here; each new shard re-reads the
         old blocks it inherits (<= ``buffer_size`` chunks each) when it gets to them. The result
@@ -346,12 +305,7 @@ class TrainData:
         if not states:
             raise DataError("load_resharded needs the data states of all saved ranks; got none")
         for i, state in enumerate(states):
-            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-                got = state.get("version") if isinstance(state, dict) else type(state).__name__
-                raise DataError(
-                    f"data state of saved rank {i} has version {got!r}, not {STATE_VERSION}; resume "
-                    "with the dstrain version that wrote it, or reset the data position"
-                )
+            _check_version(state, f"saved rank {i}'s")
         old_fp = states[0]["fingerprint"]
         old_world = old_fp["world_size"]
         ranks = [s["rank"] for s in states]
@@ -360,14 +314,13 @@ class TrainData:
                 f"re-shard needs the data states of all {old_world} saved ranks of one run, in rank "
                 f"order; got ranks {ranks}; check that every dstrain_rank<R>.pt of the checkpoint is there"
             )
-        ignored = ("world_size", "num_workers")
-        old_rest = {k: v for k, v in old_fp.items() if k not in ignored}
-        new_rest = {k: v for k, v in self.fingerprint.items() if k not in ignored}
+        old_rest = {k: v for k, v in old_fp.items() if k not in REDEAL_KEYS}
+        new_rest = {k: v for k, v in self.fingerprint.items() if k not in REDEAL_KEYS}
         if old_rest != new_rest:
             raise DataError(
-                f"cannot re-shard the data position: {describe_changes(old_rest, new_rest)}; a world-size "
-                "change keeps every other data setting; change one thing at a time, or reset the data "
-                "position (TrainData.start_epoch)"
+                f"cannot re-deal the data position: {describe_changes(old_rest, new_rest)}; only "
+                f"{', '.join(REDEAL_KEYS)} may change with it; change one thing at a time, or reset "
+                "the data position (TrainData.start_epoch)"
             )
         epochs = sorted({s["epoch"] for s in states})
         if len(epochs) != 1:
@@ -380,12 +333,11 @@ class TrainData:
         workers = max(1, self.spec.num_workers)
         self.start_epoch(epoch)
         self._plan = plan[self.dist.rank * workers : (self.dist.rank + 1) * workers]
-        self.batches_in_epoch = max(s["batches_in_epoch"] for s in states)
         if self.dist.is_main:
             log.info(
                 "data: epoch %d re-sharded from %d ranks x %d shards each to %d x %d: %d unread rows dealt "
                 "evenly; %d leftover pieces handed out first (%d unread chunks of shuffle blocks, %d "
-                "packer carries, and the rest of any document cut at a block's end); dropped 0",
+                "packer carries, and the rest of any document cut at a block's end)",
                 epoch,
                 old_world,
                 stats["old_shards"] // old_world,
@@ -440,7 +392,7 @@ def _plan_reshard(
     groups = []
     stats = {"old_shards": 0, "rows": 0, "leftovers": 0, "unread_chunks": 0, "carries": 0}
     for old in _old_shard_states(spec, states):
-        ranges, leftovers, chunks = shard_remainder(stream, old)
+        ranges, leftovers, chunks = shard_remainder(stream, old, states[0]["fingerprint"]["buffer_size"])
         unread += ranges
         groups.append(leftovers)
         stats["old_shards"] += 1
@@ -456,6 +408,16 @@ def _plan_reshard(
     for shard in plan:  # carries first: the document tails then follow their heads at once
         shard["leftovers"].sort(key=lambda lo: lo["block_no"] >= 0)
     return plan, stats
+
+
+def _check_version(state: Any, whose: str) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise DataError(
+            f"{whose} saved data position has format {got!r}, this dstrain reads {STATE_VERSION}; "
+            "resume with the dstrain version that wrote it, or restart the epoch's data position "
+            "(change a data setting such as data.seed, or start a new output_dir)"
+        )
 
 
 def _clean_worker_error(exc: Exception) -> Exception:
@@ -505,7 +467,7 @@ def _estimate_batches(spec: StreamSpec, cfg: DataConfig) -> int:
     lengths: list[int] = []
     for rb in read_group(src, unit.group, unit.row_base, 0, min(unit.rows, 64), spec.text_column):
         if src.tokenized:
-            lengths += [len(v) for v in rb.values if v]
+            lengths += [len(v) for v in rb.values if v is not None and len(v)]
         else:
             texts = [v for v in rb.values if isinstance(v, str) and v]
             lengths += [len(x) for x in encode_texts(spec.tokenizer, texts)]

@@ -101,6 +101,7 @@ class Leftover(TypedDict):
     block_no: int
     block_start: list[int]  # [segment, row, chunk] in the old shard's segments
     block_index: int  # entries of (permuted block + rest of its last document) handed out
+    buffer_size: int  # the old run's shuffle block size (the block is re-read with it)
     carry_doc: int
     carry_tokens: list[int]
 
@@ -164,6 +165,7 @@ def _copy_leftover(lo: Leftover) -> Leftover:
         block_no=lo["block_no"],
         block_start=list(lo["block_start"]),
         block_index=lo["block_index"],
+        buffer_size=lo["buffer_size"],
         carry_doc=lo["carry_doc"],
         carry_tokens=list(lo["carry_tokens"]),
     )
@@ -229,24 +231,33 @@ class ShardStream(IterableDataset):
             order = np.arange(len(spec.units))
         return range_segments(spec.units, order, ranges)
 
-    def _read_block(self, chunks: Iterator[Chunk], shard: int, block_no: int) -> list[Chunk]:
-        """The next ``buffer_size`` chunks, permuted by ``(seed, epoch, shard, block_no)`` (train)."""
+    def _read_block(
+        self, chunks: Iterator[Chunk], shard: int, block_no: int, buffer_size: int | None = None
+    ) -> list[Chunk]:
+        """The next ``buffer_size`` chunks (default: this run's), permuted by ``(seed, epoch,
+        shard, block_no)`` (train)."""
         spec = self.spec
-        block = list(itertools.islice(chunks, spec.buffer_size))
+        block = list(itertools.islice(chunks, buffer_size or spec.buffer_size))
         if spec.split == "train" and len(block) > 1:
             perm = np.random.default_rng([spec.seed, self.epoch, shard, block_no]).permutation(len(block))
             block = [block[i] for i in perm]
         return block
 
     def reread_block(
-        self, shard: int, ranges: list[list[int]], block_no: int, block_start: list[int], with_tail: bool
+        self,
+        shard: int,
+        ranges: list[list[int]],
+        block_no: int,
+        block_start: list[int],
+        with_tail: bool,
+        buffer_size: int | None = None,
     ) -> tuple[list[Chunk], list[int]]:
         """Re-create shard ``shard``'s block ``block_no`` of this epoch exactly as that shard read
         it; ``with_tail`` appends the remaining chunks of the document the block ended in.
         Returns the chunks and the read position after them. Costs one block of reading."""
         counters = {"docs": 0, "skipped_docs": 0, "next": list(block_start)}
         chunks = self._chunks(self._segments(ranges), list(block_start), counters)
-        block = self._read_block(chunks, shard, block_no)
+        block = self._read_block(chunks, shard, block_no, buffer_size)
         end = list(counters["next"])
         if with_tail:
             while counters["next"][2] != 0 and (chunk := next(chunks, None)) is not None:
@@ -365,7 +376,12 @@ class ShardStream(IterableDataset):
                     return chunk
                 if lo["block_no"] >= 0 and leftover_chunks is None:
                     leftover_chunks, _ = self.reread_block(
-                        lo["shard"], lo["ranges"], lo["block_no"], lo["block_start"], with_tail=True
+                        lo["shard"],
+                        lo["ranges"],
+                        lo["block_no"],
+                        lo["block_start"],
+                        with_tail=True,
+                        buffer_size=lo["buffer_size"],
                     )
                 if leftover_chunks is not None and lo["block_index"] < len(leftover_chunks):
                     lo["block_index"] += 1
@@ -435,8 +451,11 @@ class ShardStream(IterableDataset):
                 return
 
 
-def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[int]], list[Leftover], int]:
-    """What an old shard left of its epoch: ``(row ranges nobody read, leftovers, unread)``.
+def shard_remainder(
+    stream: ShardStream, state: ShardState, buffer_size: int
+) -> tuple[list[list[int]], list[Leftover], int]:
+    """What an old shard left of its epoch: ``(row ranges nobody read, leftovers, unread)``;
+    ``buffer_size`` is the old run's shuffle block size.
 
     The leftovers are, in order: its packer carry, the leftovers it had itself inherited and not
     yet handed out, and its current shuffle block from ``block_index`` on (``unread`` chunks,
@@ -456,6 +475,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
                 block_no=-1,
                 block_start=[0, 0, 0],
                 block_index=0,
+                buffer_size=buffer_size,
                 carry_doc=state["carry_doc"],
                 carry_tokens=list(state["carry_tokens"]),
             )
@@ -467,7 +487,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
         block_len, block_end = state["block_len"], list(state["block_end"])
     else:
         block, block_end = stream.reread_block(
-            state["shard"], ranges, state["block_no"], state["block_start"], with_tail=False
+            state["shard"], ranges, state["block_no"], state["block_start"], False, buffer_size
         )
         block_len = len(block)
     unread = max(0, block_len - state["block_index"])
@@ -479,6 +499,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
                 block_no=state["block_no"],
                 block_start=list(state["block_start"]),
                 block_index=state["block_index"],
+                buffer_size=buffer_size,
                 carry_doc=-1,
                 carry_tokens=[],
             )

@@ -16,10 +16,10 @@ import torch
 from tests.distributed.workers.common import global_rows, micro_batches, tiny_job
 from tests.helpers import tiny_model
 from tests.launch import worker_args
-from trainer.checkpoint import consolidated_state_dict, export_hf
-from trainer.dist import DistInfo, init_distributed
+from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.engine import build_engine
-from trainer.train_module import TrainModule
+from trainer.export import consolidated_state_dict, export_hf
+from trainer.train_module import TrainModule, target_count
 
 STEPS = 10
 
@@ -31,7 +31,11 @@ def train(dist: DistInfo, stage: int, micro: int, accum: int, **optim) -> tuple[
     losses = []
     for step in range(STEPS):
         rows = global_rows(step, dist.world_size, rows_per_rank=4)[dist.rank]
-        losses.append(module.train_step(micro_batches(rows, micro)).loss)
+        batches = micro_batches(rows, micro)
+        (targets,) = all_reduce_sum([sum(target_count(b) for b in batches)], dist)
+        result = module.train_step(batches, int(targets))
+        (loss_sum,) = all_reduce_sum([float(result.loss_sum)], dist)
+        losses.append(loss_sum / targets)
     return losses, engine
 
 

@@ -24,13 +24,19 @@ def engine_results(tmp_path_factory):
     return out, read_results(out, WORLD)
 
 
-def reference_losses() -> list[float]:
-    """A plain single-process torch loop over the same global batches (both ranks' rows)."""
+@pytest.fixture(scope="module")
+def reference():
+    return reference_losses()
+
+
+def reference_losses() -> tuple[list[float], list[float]]:
+    """A plain single-process torch loop over the same global batches (both ranks' rows):
+    the losses and the gradient norms before clipping."""
     job = tiny_job(stage=0, micro=2, accum=2, steps=STEPS)
     model = tiny_model(seed=0)
     optimizer = build_optimizer(model, job.optim)
     scheduler = make_scheduler(optimizer, STEPS, job.schedule)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         rows = [r for rank_rows in global_rows(step, WORLD, 4) for r in rank_rows]
         batch = padded_batch(rows)
@@ -45,23 +51,28 @@ def reference_losses() -> list[float]:
         )
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)))
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-    return losses
+    return losses, norms
 
 
-def test_zero_stages_agree_with_each_other_and_plain_torch(engine_results):
+def test_zero_stages_agree_with_each_other_and_plain_torch(engine_results, reference):
+    """Losses and gradient norms of ZeRO 0-3, and of ZeRO-2 with DeepSpeed's CPU Adam on
+    offloaded optimizer state, against a plain torch loop (every stage logs its norm)."""
     _, results = engine_results
-    losses = results[0]["losses"]
+    losses, norms = results[0]["losses"], results[0]["norms"]
     assert results[1]["losses"] == losses, "every rank reports the same all-reduced loss"
-    reference = reference_losses()
-    assert reference[-1] < reference[0] - 0.1, "the reference loop must actually learn"
-    for stage in ("0", "1", "2", "3"):
+    want_losses, want_norms = reference
+    assert want_losses[-1] < want_losses[0] - 0.1, "the reference loop must actually learn"
+    assert results[0]["offload_optimizer"] == "DeepSpeedCPUAdam"
+    for stage in ("0", "1", "2", "3", "offload"):
         assert len(losses[stage]) == STEPS
-        for step, (got, want) in enumerate(zip(losses[stage], reference, strict=True)):
+        for step, (got, want) in enumerate(zip(losses[stage], want_losses, strict=True)):
             assert abs(got - want) <= 1e-5, f"ZeRO-{stage} step {step}: {got} vs torch {want}"
+        for step, (got, want) in enumerate(zip(norms[stage], want_norms, strict=True)):
+            assert got is not None and abs(got - want) <= 1e-4 * max(1.0, want), f"{stage} step {step} norm"
 
 
 def test_grad_accum_split_does_not_change_the_step(engine_results):
@@ -94,3 +105,45 @@ def test_muon_runs_as_deepspeeds_muon_and_learns(engine_results):
     muon, adamw = results[0]["losses"]["muon"], results[0]["losses"]["2"]
     assert muon[-1] < muon[0] - 0.1
     assert muon != adamw, "a different optimizer must give different losses"
+
+
+def test_muon_updates_the_hidden_matrices_at_muon_lr(engine_results):
+    """Muon takes the 2-D weights of attention and MLP; embeddings (tied head), norms and biases
+    go to AdamW; the groups step at muon_lr and lr (0.02 and 3e-3 in tiny_job) respectively."""
+    _, results = engine_results
+    groups = results[0]["muon_groups"]
+    muon = sorted(p for g in groups if g["use_muon"] for p in g["params"])
+    adam = sorted(p for g in groups if not g["use_muon"] for p in g["params"])
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert muon and all(p.endswith(".weight") and p.split(".")[-2] in projections for p in muon)
+    assert len(muon) == 2 * len(projections)
+    assert "model.embed_tokens.weight" in adam and all(
+        "norm" in p or "bias" in p or "embed" in p for p in adam
+    )
+    lr_muon = {g["lr"] for g in groups if g["use_muon"]}
+    lr_adam = {g["lr"] for g in groups if not g["use_muon"]}
+    assert len(lr_muon) == len(lr_adam) == 1
+    assert lr_muon.pop() / lr_adam.pop() == pytest.approx(0.02 / 3e-3)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_changed_hyperparameters_reach_the_optimizer_after_a_resume(engine_results, name):
+    """Saved with weight decay 0 (both groups look alike), loaded with 0.1: the decayed group gets
+    it, biases and norms do not; the lr scales by new/old at the same schedule position; betas,
+    eps (AdamW) and momentum (Muon) take the new values."""
+    _, results = engine_results
+    loaded, applied = results[0]["resume"][name]["loaded"], results[0]["resume"][name]["applied"]
+    assert [g["name"] for g in loaded] == [g["name"] for g in applied]
+    assert all(g["weight_decay"] == 0.0 for g in loaded), "the checkpoint's groups had no decay"
+    for old, new in zip(loaded, applied, strict=True):
+        decayed = new["name"].startswith("decay")
+        assert new["weight_decay"] == (0.1 if decayed else 0.0), new
+        if new.get("use_muon"):
+            assert old["momentum"] == 0.95 and new["momentum"] == 0.8
+            assert new["lr"] / old["lr"] == pytest.approx(0.01 / 0.02)
+        else:
+            assert tuple(new["betas"]) == (0.8, 0.99) and new["eps"] == 1e-6
+            assert new["lr"] / old["lr"] == pytest.approx(1e-3 / 3e-3)
+    assert any(g["name"].startswith("no_decay") for g in applied) and any(
+        g["name"].startswith("decay") for g in applied
+    )

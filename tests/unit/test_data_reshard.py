@@ -72,9 +72,13 @@ def cfg_for(paths, num_workers: int = 0, pack: bool = True) -> DataConfig:
     )
 
 
-def build(tok, paths, world: int, rank: int, workers: int, pack: bool = True):
+def build(tok, paths, world: int, rank: int, workers: int, pack: bool = True, **overrides):
     dist = DistInfo(rank=rank, world_size=world)
-    return build_train_data(cfg_for(paths, workers, pack), tok, dist, SEED, MICRO_BATCH)
+    cfg = cfg_for(paths, workers, pack)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    micro = overrides.pop("micro_batch_size", MICRO_BATCH)
+    return build_train_data(cfg, tok, dist, SEED, micro)
 
 
 def token_counts(batches) -> Counter:
@@ -221,6 +225,49 @@ def test_reshard_refuses_other_data_or_inconsistent_states(tok, corpus, tmp_path
     other_epoch = [states[0], {**states[1], "epoch": 1}]
     with pytest.raises(DataError, match=r"different epochs \[0, 1\]"):
         build(tok, paths, 1, 0, 0).load_resharded(other_epoch)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"micro_batch_size": 3}, {"buffer_size": 5}, {"micro_batch_size": 1, "buffer_size": 20}, {}],
+    ids=["micro-batch", "buffer", "both", "nothing"],
+)
+def test_resume_policy_redeals_a_changed_micro_batch_or_buffer(tok, corpus, change):
+    """The checkpoint protocol (``load_rank_states``): a changed micro-batch size or shuffle
+    buffer re-deals the saved position like a world-size change (every token once, no epoch
+    restart); with nothing changed the position is restored exactly."""
+    from trainer.state import RankStates
+
+    paths, lengths = corpus
+    want = expected_tokens(tok, paths, lengths, True)
+    before, states = save_old(tok, paths, 1, 0, True)
+    data = build(tok, paths, 1, 0, 0, **change)
+    data.load_rank_states(RankStates(own=states[0], saved_world_size=1, read=lambda r: states[r]))
+    after = token_counts(list(data))
+    assert dict(before + after) == want, "a token was repeated or lost (or the epoch restarted)"
+    if "micro_batch_size" in change:
+        assert (
+            len(next(iter(build(tok, paths, 1, 0, 0, **change)))["input_ids"]) == change["micro_batch_size"]
+        )
+
+
+def test_resume_policy_restarts_the_epoch_when_the_data_changed(tok, corpus, caplog):
+    from trainer.state import RankStates
+
+    paths, _ = corpus
+    _, states = save_old(tok, paths, 1, 0, True)
+    data = build(tok, paths, 1, 0, 0, max_seq_len=SEQ * 2)
+    logger = logging.getLogger("dstrain.data")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dstrain.data"):
+            data.load_rank_states(RankStates(own=states[0], saved_world_size=1, read=lambda r: states[r]))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert data.epoch == 0 and data.batches_in_epoch == 0 and data.state_dict()["loader"] is None
+    assert any(
+        "max_seq_len 32 -> 64" in r.message and "restarting epoch 0" in r.message for r in caplog.records
+    )
 
 
 def test_deal_ranges_is_balanced_disjoint_and_complete():

@@ -5,15 +5,14 @@ Contract with the trainer (trainer/loop.py relies on exactly this):
 ``build_train_data(cfg: DataConfig, tokenizer, dist: DistInfo, seed: int, micro_batch_size: int)``
 returns a :class:`TrainData`:
 
-- iterating it yields the remaining micro-batches of the current epoch, then advances
-  ``epoch`` so the next iteration is the next epoch (order from a seeded permutation per epoch);
-  breaking out of the loop and iterating again continues where it stopped;
-- every rank yields the same number of micro-batches per epoch (no collective hang): the ranks
-  agree once per micro-batch, with an all_reduce on a CPU gloo group, whether any still has
-  data, so torch.distributed must be initialized before iterating when world_size > 1. A rank
-  that runs out first yields *filler* batches (labels all -100, doc_ids -1) until all are done;
-  nothing is dropped (``TrainData.dropped_docs`` is 0). A micro-batch can therefore have zero
-  target tokens: normalise the loss by the all-reduced target count, not per batch;
+- iterating it yields this rank's remaining micro-batches of the current epoch and stops when
+  the rank's shards are exhausted (``local_done``); breaking out of the loop and iterating
+  again continues where it stopped. The epoch advances only on ``end_epoch()``, which the
+  Trainer calls once *every* rank has run out (order from a seeded permutation per epoch);
+- it does no collective: ranks may yield different numbers of micro-batches (shards hold equal
+  rows, not equal tokens). Keeping ranks in step is the Trainer's job (one-token filler
+  micro-batches on a rank that ran out); nothing is dropped. A micro-batch can have zero target
+  tokens: normalise the loss by the all-reduced target count, not per batch;
 - ``state_dict()`` / ``load_state_dict()`` restore the exact position, at cost independent of
   how far into the epoch the run is (:class:`TrainDataState`: version, rank, a fingerprint of
   files/world size/workers/batch shape/tokenizer, epoch, the StatefulDataLoader state whose
@@ -21,18 +20,22 @@ returns a :class:`TrainData`:
   and row ranges, and ``reshard``: the plan of an epoch that was re-sharded). A mismatch raises
   DataError naming what changed; ``load_state_dict(state, strict=False)`` or
   ``start_epoch(epoch)`` reset the position to the start of an epoch instead;
-- ``load_resharded(states)`` continues the epoch from *all* saved ranks' states after a change
-  of world size or worker count, with no token trained twice or dropped;
+- ``load_rank_states(states)`` is the checkpoint protocol (``trainer.state``): the exact
+  position, re-dealt by ``load_resharded(all saved ranks' states)`` when only the world size,
+  workers, micro-batch size or shuffle buffer changed (no token trained twice or dropped), or
+  the saved epoch restarted when the data changed;
 - ``approx_batches_per_epoch()`` estimates micro-batches per rank per epoch (for LR schedules).
 
 A micro-batch (:class:`Batch`) is a dict of CPU tensors, all ``[micro_batch_size, T]``:
 
 - ``input_ids`` (long)
-- ``labels`` (long, -100 where no loss is taken: padding, filler rows, and when packing the
-  first token of every document piece after the first in a row; not shifted, the model shifts)
+- ``labels`` (long, ``IGNORE_INDEX`` where no loss is taken: padding, filler rows, and when
+  packing the first token of every document piece after the first in a row; not shifted: the
+  loss shifts them)
 - ``position_ids`` (long, restart at 0 at every packed document piece)
-- ``attention_mask`` (long, 1 = real token) only when not packing (padded batches); filler
-  rows have a 1 in column 0 only, so no attention row is fully masked
+- ``attention_mask`` (long, 1 = real token) only when not packing (padded batches); the
+  filler rows that complete a shard's last batch have a 1 in column 0 only, so no attention
+  row is fully masked
 - ``doc_ids`` (long, the traceable id of the document each token came from, -1 on padding):
   the ``doc_id`` integer column/field when the file has one, else the global row index (row
   position in the concatenation of all files, in the resolved file order)
@@ -47,8 +50,8 @@ may get different numbers of eval batches; iterating does no collective.
 Sources: parquet files, globs, directories; ``.jsonl`` and ``.json`` (array of records, e.g.
 ``{"completion": ...}``) read by streaming (see :mod:`trainer.data.sources`); pre-tokenized
 parquet (an ``input_ids`` list column, written by :func:`write_tokenized_shard`) skips
-tokenization. ``datasets`` (save_to_disk / hub) sources are not supported: convert them to
-parquet (``Dataset.to_parquet``).
+tokenization; ``datasets`` ``save_to_disk`` directories and ``hf:ID[:split]`` are read as
+their Arrow files, with the same sharding and resume.
 """
 
 from __future__ import annotations

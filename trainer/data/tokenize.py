@@ -42,7 +42,7 @@ def eos_id(tokenizer: Any, pack: bool) -> int | None:
 
 
 def pad_id(tokenizer: Any) -> int:
-    """The id put in padded positions (labels there are always -100): pad, else EOS, else 0."""
+    """The id put in padded positions (labels there are always IGNORE_INDEX): pad, else EOS, else 0."""
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:

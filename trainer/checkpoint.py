@@ -163,8 +163,21 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def saved_world_size(path: Path) -> int:
-    return int(read_meta(path)["world_size"])
+def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether loading ``path`` into this run needs DeepSpeed's universal format: ZeRO-1/2/3
+    shards are laid out for one world size and stage. A ZeRO-0 checkpoint holds the whole model
+    and optimizer in one file that any world size loads as it is (but not a sharded optimizer)."""
+    meta = read_meta(path)
+    saved_world, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    if saved_stage == 0:
+        if zero_stage != 0:
+            raise CheckpointError(
+                f"{path} was saved with zero.stage 0 and this run uses {zero_stage}: DeepSpeed cannot "
+                "re-shard a ZeRO-0 optimizer state; resume with --zero.stage 0, or export the weights "
+                "(dstrain export) and start a cpt run from them"
+            )
+        return False
+    return saved_world != world_size or saved_stage != zero_stage
 
 
 def saved_config(path: Path) -> JobConfig:
@@ -177,6 +190,10 @@ def to_universal(ckpt: Path, out: Path) -> Path:
     universal_checkpoint_info client state)."""
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    if int(read_meta(ckpt)["zero_stage"]) == 0:
+        raise CheckpointError(
+            f"{ckpt} is a ZeRO-0 checkpoint: it loads on any world size as it is, no conversion needed"
+        )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [
@@ -350,6 +367,7 @@ class Checkpointer:
             meta = {
                 "version": STATE_VERSION,
                 "world_size": self.dist.world_size,
+                "zero_stage": self.engine.zero_optimization_stage(),
                 **self.meta,
                 "parts": {name: part.state_dict() for name, part in self.shared.items()},
             }
@@ -384,13 +402,14 @@ class Checkpointer:
         """Restore every part from ``path`` (collective for the engine)."""
         meta = read_meta(path)
         saved_world = int(meta["world_size"])
-        resharded = saved_world != self.dist.world_size
-        if resharded and not self.engine.load_universal_checkpoint():
+        universal = needs_universal(path, self.dist.world_size, self.engine.zero_optimization_stage())
+        if universal and not self.engine.load_universal_checkpoint():
             raise CheckpointError(
-                f"{path} was saved by {saved_world} ranks and this run has {self.dist.world_size}: "
-                "the engine must be built for a universal load (trainer/main.py does this)"
+                f"{path} was saved by {saved_world} ranks with zero.stage {meta['zero_stage']}: this "
+                "run needs it in universal format, and the engine must be built for a universal load "
+                "(trainer/main.py does this)"
             )
-        load_dir, tag = (path, "universal") if resharded else (path.parent, path.name)
+        load_dir, tag = (path, "universal") if universal else (path.parent, path.name)
         loaded, _ = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen
         )

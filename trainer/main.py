@@ -75,7 +75,7 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
     seed_everything(job.seed)
     model = build_model(job, tokenizer, precision, on_gpu)
-    universal = resume_path is not None and ckpt.saved_world_size(resume_path) != dist.world_size
+    universal = resume_path is not None and ckpt.needs_universal(resume_path, dist.world_size, job.zero.stage)
     if universal:
         ckpt.prepare_universal(resume_path, dist)
     engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps, load_universal=universal)

@@ -21,12 +21,13 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("faults")
 
 
-def run_reference(root, tokenizer_dir, stage: int) -> dict[int, dict]:
-    """The uninterrupted 40-step run for a ZeRO stage."""
-    recipe = runs.make_recipe(root, tokenizer_dir, f"ref_z{stage}", zero={"stage": stage})
+def run_reference(root, tokenizer_dir, stage: int, name: str | None = None, **sections) -> dict[int, dict]:
+    """The uninterrupted 40-step run for a ZeRO stage (and other recipe sections)."""
+    name = name or f"ref_z{stage}"
+    recipe = runs.make_recipe(root, tokenizer_dir, name, zero={"stage": stage}, **sections)
     code, out = runs.run(recipe)
     assert code == 0, out[-4000:]
-    got = runs.metrics(root / f"ref_z{stage}")
+    got = runs.metrics(root / name)
     assert sorted(got) == list(STEPS)
     return got
 
@@ -41,13 +42,19 @@ def ref_z3(root, tiny_tokenizer_dir):
     return run_reference(root, tiny_tokenizer_dir, 3)
 
 
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_kill9_after_a_save_then_resume_is_exact(stage, request, root, tiny_tokenizer_dir):
-    want = request.getfixturevalue(f"ref_z{stage}")
-    # Stage 2 dies inside warmup (save at 5, warmup 10); stage 3 at a random later step.
-    kill_at = 7 if stage == 2 else random.Random(stage).randint(11, 19)
-    name = f"kill_z{stage}"
-    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, zero={"stage": stage})
+@pytest.fixture(scope="module")
+def ref_muon(root, tiny_tokenizer_dir):
+    return run_reference(root, tiny_tokenizer_dir, 2, optim={"name": "muon"}, name="ref_muon")
+
+
+@pytest.mark.parametrize("case", ["z2", "z3", "muon"], ids=["zero2", "zero3", "muon-zero2"])
+def test_kill9_after_a_save_then_resume_is_exact(case, request, root, tiny_tokenizer_dir):
+    want = request.getfixturevalue(f"ref_{case}")
+    # ZeRO-2 dies inside warmup (save at 5, warmup 10); the others at a random later step.
+    kill_at = 7 if case == "z2" else random.Random(case).randint(11, 19)
+    name = f"kill_{case}"
+    sections = {"optim": {"name": "muon"}} if case == "muon" else {"zero": {"stage": int(case[1])}}
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, **sections)
     proc = runs.start(recipe)
     runs.wait_for_step(proc, root / name, kill_at)
     runs.kill_all(proc)

@@ -29,8 +29,8 @@ class DataConfig(ConfigBase):
     )
     buffer_size: int = opt(
         10000,
-        "Shuffle block, in documents (pieces of at most max_seq_len tokens): memory is bounded by "
-        "buffer_size * max_seq_len tokens per worker; a resume re-reads one block.",
+        "Shuffle block, in chunks (documents cut into pieces of at most max_seq_len tokens): memory "
+        "is bounded by buffer_size * max_seq_len tokens per worker; a resume re-reads one block.",
     )
     num_workers: int = opt(1, "Dataloader worker processes per rank (0 = load in the training process).")
     max_samples: int | None = opt(

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,7 @@ def rank_file(path: Path, rank: int) -> Path:
     return path / f"dstrain_rank{rank}.pt"
 
 
+@dataclass
 class Checkpointer:
     """Saves and restores the union of named stateful parts.
 
@@ -312,27 +314,19 @@ class Checkpointer:
     ``exclude_frozen`` leaves frozen parameters (a LoRA base) out of the engine's files.
     """
 
-    def __init__(
-        self,
-        output_dir: str | Path,
-        dist: DistInfo,
-        engine: Any,
-        shared: dict[str, Stateful],
-        per_rank: dict[str, RankStateful],
-        keep_last: int,
-        write_extras: Callable[[Path], None] | None = None,
-        meta: dict[str, Any] | None = None,
-        exclude_frozen: bool = False,
-    ) -> None:
-        self.root = Path(output_dir) / "checkpoints"
-        self.dist = dist
-        self.engine = engine
-        self.shared = shared
-        self.per_rank = per_rank
-        self.keep_last = keep_last
-        self.write_extras = write_extras
-        self.meta = dict(meta or {})
-        self.exclude_frozen = exclude_frozen
+    output_dir: str | Path
+    dist: DistInfo
+    engine: Any
+    shared: dict[str, Stateful]
+    per_rank: dict[str, RankStateful]
+    keep_last: int
+    write_extras: Callable[[Path], None] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    exclude_frozen: bool = False
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
 
     def save(self, step: int, protect: Iterable[int] = ()) -> Path:
         """Collective: every rank calls it at the same step. ``protect``: steps pruning keeps."""

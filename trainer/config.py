@@ -47,6 +47,34 @@ class ModelConfig(ConfigBase):
 
 
 @dataclass
+class LoraConfig(ConfigBase):
+    """LoRA adapters (peft): train low-rank updates of the target layers, freeze the base."""
+
+    enabled: bool = opt(False, "Train LoRA adapters instead of all weights (the base is frozen).")
+    r: int = opt(16, "Rank of each adapter's low-rank update.")
+    alpha: float = opt(32.0, "Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = opt(0.05, "Dropout on the adapter's input (training only).")
+    target_modules: str | list[str] = opt(
+        ["q_proj", "v_proj"], "Module names to adapt (e.g. [q_proj, v_proj]), or all-linear."
+    )
+    modules_to_save: list[str] = opt(
+        list, "Modules trained in full and saved with the adapter (e.g. [lm_head])."
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"--lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"--lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise ConfigError("--lora.target_modules is empty: name the modules to adapt, or all-linear")
+
+
+@dataclass
 class OptimConfig(ConfigBase):
     """The optimizer and its hyper-parameters."""
 
@@ -162,6 +190,7 @@ class JobConfig(ConfigBase):
     schedule: ScheduleConfig = opt(None, "")
     train: TrainConfig = opt(None, "")
     zero: ZeroConfig = opt(None, "")
+    lora: LoraConfig = opt(None, "")
     log: LogConfig = opt(None, "")
 
     def __post_init__(self) -> None:
@@ -171,6 +200,11 @@ class JobConfig(ConfigBase):
                 setattr(self, name, cls())
         if self.stage in ("cpt", "sft") and not self.model.name_or_path:
             raise ConfigError(f"stage {self.stage} starts from pretrained weights: set --model.name_or_path")
+        if self.model.name_or_path and self.model.overrides:
+            raise ConfigError(
+                "--model.overrides changes an architecture, and pretrained weights (model.name_or_path) "
+                "keep theirs: remove the overrides, or pretrain from --model.config"
+            )
         if self.tokenizer is None and self.model.name_or_path is None:
             raise ConfigError("--tokenizer is required when model.name_or_path is not set")
 
@@ -189,6 +223,7 @@ SECTIONS: dict[str, type[ConfigBase]] = {
     "schedule": ScheduleConfig,
     "train": TrainConfig,
     "zero": ZeroConfig,
+    "lora": LoraConfig,
     "log": LogConfig,
 }
 

@@ -9,28 +9,16 @@ import deepspeed
 import torch
 
 from trainer.config import JobConfig
-from trainer.ds_config import Precision, build_ds_config
 from trainer.optim import DECAY, build_optimizer, make_scheduler, param_groups
 
 
-def build_engine(
-    job: JobConfig,
-    model: torch.nn.Module,
-    precision: Precision,
-    on_gpu: bool,
-    total_steps: int,
-    load_universal: bool = False,
-) -> tuple[Any, dict[str, Any]]:
-    """deepspeed.initialize with the generated ZeRO config; returns (engine, ds_config).
+def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int) -> Any:
+    """deepspeed.initialize with the generated ZeRO config (``build_ds_config``).
 
     When the config has an ``optimizer`` block (CPU-offloaded Adam, or DeepSpeed's Muon)
     DeepSpeed builds the optimizer from our param groups; otherwise we pass a torch AdamW.
     Either way the LR schedule is ours (a LambdaLR over ``trainer.optim.lr_factor``).
-    ``load_universal`` prepares the engine to load a universal checkpoint (another world size).
     """
-    ds_config = build_ds_config(job, precision=precision, on_gpu=on_gpu)
-    if load_universal:  # resuming a checkpoint saved by another world size
-        ds_config["checkpoint"] = {"load_universal": True}
     if "optimizer" in ds_config:
         optimizer, parameters = None, param_groups(model, job.optim)
     else:
@@ -42,7 +30,7 @@ def build_engine(
         lr_scheduler=lambda opt: make_scheduler(opt, total_steps, job.schedule),
         config=ds_config,
     )
-    return engine, ds_config
+    return engine
 
 
 def optimizer_groups(engine: Any) -> list[dict[str, Any]]:

@@ -39,16 +39,23 @@ log = logging.getLogger("dstrain")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The full model weights on rank 0 (None elsewhere); every rank must call this.
+ADAPTER_CONFIG = "adapter_config"  # a LoRA checkpoint's peft config dir
+
+
+def consolidated_state_dict(engine: Any, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The model weights on rank 0 (None elsewhere), all or only the trainable ones (a LoRA
+    adapter); every rank must call this.
 
     Under ZeRO-3 the parameters are partitioned, so they are gathered layer by layer through
-    DeepSpeed (needs ``stage3_gather_16bit_weights_on_model_save``); a rank-0-only gather hangs.
+    DeepSpeed (needs ``stage3_gather_16bit_weights_on_model_save``); a rank-0-only gather hangs,
+    and an adapter saved without the gather comes out empty.
     """
     if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
     if engine.global_rank != 0:
         return None
+    if trainable_only:
+        return {k: p.detach().cpu() for k, p in engine.module.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
@@ -75,6 +82,34 @@ def save_hf(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir:
     return out
 
 
+def save_adapter(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a peft adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer,
+    from a PeftModel and its trainable weights, into ``<out>.tmp``, then rename."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter = get_peft_model_state_dict(model, state_dict=state)
+    empty = [k for k, v in adapter.items() if v.numel() == 0]
+    if not adapter or empty:
+        raise CheckpointError(
+            f"adapter export would write {'no' if not adapter else 'empty'} tensors "
+            f"({(empty or ['none'])[0]}): the LoRA weights were not gathered"
+        )
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors")
+    )
+    model.peft_config["default"].save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
 def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
     """Collective export of the live engine to an HF directory (rank 0 writes)."""
     state = consolidated_state_dict(engine)
@@ -82,6 +117,17 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) 
         assert state is not None
         save_hf(engine.module, state, tokenizer, out_dir)
         log.info("exported Hugging Face model to %s", out_dir)
+    barrier(dist)
+    return Path(out_dir)
+
+
+def export_adapter(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
+    """Collective export of a LoRA run's adapter in peft format (rank 0 writes)."""
+    state = consolidated_state_dict(engine, trainable_only=True)
+    if dist.is_main:
+        assert state is not None
+        save_adapter(engine.module, state, tokenizer, out_dir)
+        log.info("exported the LoRA adapter to %s (load it with PeftModel.from_pretrained)", out_dir)
     barrier(dist)
     return Path(out_dir)
 
@@ -98,20 +144,33 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """Rebuild the HF model from ``ckpt``'s config, load the consolidated weights, write ``out``
-    in ``dtype`` (default: the precision the run trained in, as its own ``hf/`` export)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def resolve_checkpoint(ckpt: str | Path) -> Path:
+    """A complete ``step_N`` dir from a checkpoint, a checkpoints/ dir or an output_dir."""
     ckpt = Path(ckpt)
     if ckpt.is_dir() and not ckpt.name.startswith("step_"):  # an output_dir or checkpoints/ dir
         root = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
         ckpt = newest_complete(root) or ckpt
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    return ckpt
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, dtype: str | None = None, merge: bool = False
+) -> Path:
+    """Rebuild the HF model from ``ckpt``'s config, load the consolidated weights, write ``out``
+    in ``dtype`` (default: the precision the run trained in, as its own export). A LoRA
+    checkpoint exports its adapter, or with ``merge`` the base model with the adapter merged in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = resolve_checkpoint(ckpt)
     dtype = dtype or read_meta(ckpt).get("precision", "fp32")
-    config = AutoConfig.from_pretrained(ckpt / "hf_config")
     state = {k.removeprefix("module."): v for k, v in checkpoint_state_dict(ckpt).items()}
+    if (ckpt / ADAPTER_CONFIG).is_dir():
+        return export_lora_checkpoint(ckpt, state, out, dtype, merge)
+    if merge:
+        raise CheckpointError(f"{ckpt} holds no LoRA adapter: --merge is for LoRA runs (drop it)")
+    config = AutoConfig.from_pretrained(ckpt / "hf_config")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -132,6 +191,44 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     return save_hf(model, model.state_dict(), tokenizer, out)
 
 
+def export_lora_checkpoint(
+    ckpt: Path, state: dict[str, torch.Tensor], out: str | Path, dtype: str, merge: bool
+) -> Path:
+    """A LoRA checkpoint (trainable weights only) as a peft adapter, or merged into its base.
+
+    The adapter needs no base weights (the base is built on the meta device to name the keys);
+    the merge loads the run's ``model.name_or_path``, merges in fp32, then casts to ``dtype``.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.checkpoint import saved_config
+
+    peft_config = LoraConfig.from_pretrained(str(ckpt / ADAPTER_CONFIG))
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    if merge:
+        base = saved_config(ckpt).model.name_or_path
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), peft_config)
+    else:
+        with torch.device("meta"):
+            model = get_peft_model(
+                AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "hf_config")), peft_config
+            )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = trainable - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt}: the adapter weights do not fit the saved LoRA config (missing "
+            f"{sorted(missing)[:2]}, unexpected {sorted(unexpected)[:2]})"
+        )
+    state = {k: v for k, v in state.items() if k in trainable}
+    if not merge:
+        return save_adapter(model, state, tokenizer, out)
+    model.load_state_dict(state, strict=False)
+    merged = model.merge_and_unload().to(DTYPES[dtype])
+    return save_hf(merged, merged.state_dict(), tokenizer, out)
+
+
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dstrain export", description="Export a checkpoint to an HF directory."
@@ -146,9 +243,15 @@ def export_main(argv: list[str] | None = None) -> int:
         default=None,
         help="weights dtype (default: the precision the run trained in)",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA runs: merge the adapter into the base model (in fp32, then cast) instead of "
+        "writing the adapter alone",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.merge)
     except DstrainError as exc:
         print(f"dstrain: error: {exc}", file=sys.stderr)
         return 2

@@ -53,9 +53,8 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     config errors stay fast."""
     from trainer import checkpoint as ckpt
     from trainer.data import build_eval_batches, build_train_data
-    from trainer.ds_config import resolve_precision, write_ds_config
+    from trainer.ds_config import build_ds_config, resolve_precision, write_ds_config
     from trainer.engine import apply_hyperparameters, build_engine
-    from trainer.export import export_hf
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
@@ -73,12 +72,13 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
     eval_batches = build_eval_batches(job.data, tokenizer, dist, job.train.micro_batch_size)
     total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
+    ds_config = build_ds_config(job, precision, on_gpu)
     seed_everything(job.seed)
-    model = build_model(job, tokenizer, precision, on_gpu)
-    universal = resume_path is not None and ckpt.needs_universal(resume_path, dist.world_size, job.zero.stage)
-    if universal:
+    model = build_model(job, tokenizer, precision, on_gpu, ds_config)
+    if resume_path is not None and ckpt.needs_universal(resume_path, dist.world_size, job.zero.stage):
         ckpt.prepare_universal(resume_path, dist)
-    engine, ds_config = build_engine(job, model, precision, on_gpu, total_steps, load_universal=universal)
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = build_engine(job, model, ds_config, total_steps)
     if dist.is_main:
         save_run_yaml(job, out)
         write_ds_config(ds_config, out / "ds_config.json")
@@ -93,12 +93,6 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
         callbacks_for(job, dist, total_steps, console),
         preemption=Preemption(),
     )
-
-    def write_extras(path: Path) -> None:
-        (path / "run.yaml").write_text(job.to_yaml(), encoding="utf-8")
-        engine.module.config.save_pretrained(path / "hf_config")
-        tokenizer.save_pretrained(str(path / "tokenizer"))
-
     trainer.checkpointer = ckpt.Checkpointer(
         job.output_dir,
         dist,
@@ -106,8 +100,9 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
         shared={"trainer": trainer.state},
         per_rank={"data": train_data, "rng": ckpt.RNGState()},
         keep_last=job.train.keep_last,
-        write_extras=write_extras,
+        write_extras=lambda path: write_checkpoint_extras(path, job, engine, tokenizer),
         meta={"precision": precision},
+        exclude_frozen=job.lora.enabled,  # a LoRA checkpoint holds the adapter, not the frozen base
     )
     resumed_at = None
     if resume_path is not None:
@@ -128,13 +123,33 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
                 "stopped by a signal after saving step %d; exit %d", trainer.state.step, PREEMPTED_EXIT_CODE
             )
             return PREEMPTED_EXIT_CODE
-    if trainer.state.last_save_step != resumed_at or not (out / "hf").is_dir():
-        export_hf(engine, tokenizer, out / "hf", dist)
-    if dist.is_main and job.log.sample_prompt:
+    final = export_final(job, engine, tokenizer, dist, fresh=trainer.state.last_save_step != resumed_at)
+    if dist.is_main and job.log.sample_prompt and final.name == "hf":
         from trainer.generate import generate_text
 
-        log.info("sample: %s", generate_text(out / "hf", job.log.sample_prompt, job.log.sample_tokens))
+        log.info("sample: %s", generate_text(final, job.log.sample_prompt, job.log.sample_tokens))
     return 0
+
+
+def write_checkpoint_extras(path: Path, job: JobConfig, engine: object, tokenizer: object) -> None:
+    """What an offline export needs beside the engine's files (rank 0, inside every save)."""
+    from trainer.export import ADAPTER_CONFIG
+
+    (path / "run.yaml").write_text(job.to_yaml(), encoding="utf-8")
+    engine.module.config.save_pretrained(path / "hf_config")
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    if job.lora.enabled:
+        engine.module.peft_config["default"].save_pretrained(str(path / ADAPTER_CONFIG))
+
+
+def export_final(job: JobConfig, engine: object, tokenizer: object, dist: DistInfo, fresh: bool) -> Path:
+    """``<output_dir>/hf/`` (or ``adapter/`` for LoRA): written after training, or when missing."""
+    from trainer.export import export_adapter, export_hf
+
+    out = Path(job.output_dir) / ("adapter" if job.lora.enabled else "hf")
+    if fresh or not out.is_dir():
+        (export_adapter if job.lora.enabled else export_hf)(engine, tokenizer, out, dist)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

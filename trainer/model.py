@@ -1,21 +1,31 @@
-"""Model setup: tokenizer, architecture, attention backend, precision, gradient checkpointing.
+"""Model setup: architecture or pretrained weights, attention backend, gradient checkpointing, LoRA.
 
 Each feature is a function with one capability check and an explicit fallback:
-:func:`select_attention`, :func:`apply_gradient_checkpointing` (precision: ``trainer.ds_config.resolve_precision``).
+:func:`select_attention`, :func:`apply_gradient_checkpointing`, :func:`apply_lora`,
+:func:`zero3_init` (precision: ``trainer.ds_config.resolve_precision``).
+
+- pretrain: the architecture with random weights, built whole on each rank (seeded, so every
+  ZeRO stage starts from the same weights);
+- cpt / sft: ``model.name_or_path`` (a local dir or a hub id). Under ZeRO-3 the weights are
+  partitioned over the ranks as they load (transformers' ``HfDeepSpeedConfig`` makes
+  ``from_pretrained`` build the model inside ``deepspeed.zero.Init``), so a 7B model never sits
+  whole on one GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from trainer.config import JobConfig, ModelConfig
+from trainer.config import JobConfig, LoraConfig, ModelConfig
 from trainer.ds_config import Precision
 from trainer.errors import ConfigError
 
@@ -108,32 +118,129 @@ def apply_gradient_checkpointing(model: torch.nn.Module) -> None:
     model.config.use_cache = False
 
 
-def build_model(job: JobConfig, tokenizer: Any, precision: Precision, on_gpu: bool) -> torch.nn.Module:
-    """The model to train, in fp32 (DeepSpeed casts to bf16/fp16 and keeps fp32 master weights).
+@contextlib.contextmanager
+def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """While active, ``from_pretrained`` partitions the weights as they load under ZeRO-3.
 
-    pretrain: the architecture with random weights (seeded by ``job.seed``), vocab_size set to
-    len(tokenizer) rounded up to a multiple of 64, special token ids taken from the tokenizer.
+    transformers checks a weakly referenced ``HfDeepSpeedConfig``; it is dropped on exit, so later
+    calls (export, generation) see plain modules. A no-op for other stages.
     """
-    cfg = job.model
-    attn = select_attention(cfg.attn_implementation, on_gpu, precision)
-    if job.stage != "pretrain":
-        raise ConfigError(f"stage {job.stage} is not available yet; use --stage pretrain")
-    config = load_architecture(cfg)
-    config = apply_overrides(config, cfg.overrides)
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+def load_pretrained(cfg: ModelConfig, attn: str) -> torch.nn.Module:
+    """Weights from a local dir or a hub id, in fp32 (DeepSpeed casts and keeps master weights)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, attn_implementation=attn, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"--model.name_or_path {cfg.name_or_path!r} could not be loaded as a causal LM: {first}"
+        ) from None
+
+
+def build_from_architecture(job: JobConfig, tokenizer: Any, attn: str) -> torch.nn.Module:
+    """pretrain: random weights (seeded by ``job.seed``), vocab_size = len(tokenizer) rounded up to
+    a multiple of 64, special token ids taken from the tokenizer."""
+    config = apply_overrides(load_architecture(job.model), job.model.overrides)
     config.vocab_size = round_up(len(tokenizer), VOCAB_MULTIPLE)
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
         # Taken from the tokenizer even when None: a preset's ids belong to another vocabulary.
         setattr(config, name, getattr(tokenizer, name, None))
-    config.use_cache = False
     torch.manual_seed(job.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+
+def fit_vocab(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Grow the embeddings when the tokenizer has more tokens than the model (a tokenizer with
+    added special tokens), to a multiple of 64; never shrink a pretrained vocabulary."""
+    weight = model.get_input_embeddings().weight
+    rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3 partitioned
+    if len(tokenizer) > rows:
+        log.warning(
+            "the tokenizer has %d tokens, the model %d: resizing the embeddings", len(tokenizer), rows
+        )
+        model.resize_token_embeddings(round_up(len(tokenizer), VOCAB_MULTIPLE))
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Wrap ``model`` in peft LoRA adapters; the base is frozen. Logs the trainable count."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = cfg.target_modules
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if target != "all-linear":
+        missing = [t for t in target if t not in names]
+        if missing:
+            raise ConfigError(
+                f"--lora.target_modules: {type(model).__name__} has no module named {missing[0]!r} "
+                f"(it has e.g. {', '.join(sorted(n for n in names if n.endswith('proj'))[:7])}; or use all-linear)"
+            )
+    peft_config = PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        modules_to_save=list(cfg.modules_to_save) or None,
+    )
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %d trainable parameters (%.3f%% of %d)",
+        cfg.r,
+        cfg.alpha,
+        target,
+        trainable,
+        100 * trainable / total,
+        total,
+    )
+    return model
+
+
+def build_model(
+    job: JobConfig,
+    tokenizer: Any,
+    precision: Precision,
+    on_gpu: bool,
+    ds_config: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The model to train, in fp32 (DeepSpeed casts to bf16/fp16 and keeps fp32 master weights):
+    random weights for pretrain, ``model.name_or_path`` for cpt/sft (partitioned as it loads
+    under ZeRO-3, see :func:`zero3_init`), then gradient checkpointing and LoRA when asked."""
+    cfg = job.model
+    attn = select_attention(cfg.attn_implementation, on_gpu, precision)
+    if cfg.name_or_path:
+        with zero3_init(ds_config):
+            model = load_pretrained(cfg, attn)
+        fit_vocab(model, tokenizer)
+    else:
+        model = build_from_architecture(job, tokenizer, attn)
+    model.config.use_cache = False
     log.info(
         "model %s: %.2fM parameters, attention %s, precision %s",
         type(model).__name__,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
         attn,
         precision,
     )
     if cfg.gradient_checkpointing:
         apply_gradient_checkpointing(model)
+    if job.lora.enabled:
+        model = apply_lora(model, job.lora)
     return model

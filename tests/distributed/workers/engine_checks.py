@@ -22,6 +22,7 @@ from tests.helpers import tiny_model
 from tests.launch import worker_args
 from trainer.checkpoint import Checkpointer
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
+from trainer.ds_config import build_ds_config
 from trainer.engine import apply_hyperparameters, build_engine, optimizer_groups
 from trainer.export import consolidated_state_dict, export_hf
 from trainer.train_module import TrainModule, target_count
@@ -34,7 +35,7 @@ def train(
 ) -> tuple[list[float], object, list[float | None]]:
     """``steps`` optimizer steps on the deterministic rows; returns losses, engine, grad norms."""
     job = job or tiny_job(stage, micro, accum, steps=STEPS, **optim)
-    engine, _ = build_engine(job, tiny_model(seed=0), "fp32", on_gpu=False, total_steps=STEPS)
+    engine = build_engine(job, tiny_model(seed=0), build_ds_config(job, "fp32", on_gpu=False), STEPS)
     losses, norms = [], []
     run_steps(dist, TrainModule(engine, dist), micro, range(steps), losses, norms)
     return losses, engine, norms
@@ -63,7 +64,7 @@ def resume_with_new_hyperparameters(dist: DistInfo, out: Path, name: str, before
     saver = Checkpointer(out / name, dist, engine, shared={}, per_rank={}, keep_last=0)
     path = saver.save(2)
     job = tiny_job(2, 2, 2, **after)
-    engine, _ = build_engine(job, tiny_model(seed=1), "fp32", on_gpu=False, total_steps=STEPS)
+    engine = build_engine(job, tiny_model(seed=1), build_ds_config(job, "fp32", on_gpu=False), STEPS)
     Checkpointer(out / name, dist, engine, shared={}, per_rank={}, keep_last=0).load(path)
     saved_groups = group_settings(engine)
     apply_hyperparameters(engine, job)

@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import JobConfig, build_config, parse_overrides, recipe_path, save_run_yaml
+from trainer.config import (
+    RECIPES_DIR,
+    STAGES,
+    JobConfig,
+    build_config,
+    parse_overrides,
+    recipe_path,
+    save_run_yaml,
+)
 from trainer.errors import ConfigError
 
 BASE = {"tokenizer": "tok"}
@@ -57,12 +65,22 @@ def test_bad_values_name_the_flag(override, message):
         build_config(base=BASE, overrides=override)
 
 
-def test_every_stage_has_a_default_recipe_and_it_loads():
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_a_default_recipe_and_it_loads(stage):
+    cfg = build_config(stage=stage)
+    assert cfg.stage == stage and recipe_path(stage).is_file()
+
+
+def test_the_pretrain_recipe_is_the_documented_architecture():
     cfg = build_config(stage="pretrain")
-    assert cfg.stage == "pretrain" and recipe_path("pretrain").is_file()
-    assert cfg.model.overrides["hidden_size"] == 512 and cfg.data.max_seq_len == 512
-    demo = build_config(config_path=recipe_path("demo"))
-    assert demo.zero.stage == 2
+    assert cfg.model.overrides["hidden_size"] == 512 and cfg.model.overrides["num_hidden_layers"] == 12
+    assert cfg.data.max_seq_len == 512 and cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps > 0
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_built_in_recipe_is_a_valid_config(recipe):
+    cfg = build_config(config_path=recipe_path(recipe))
+    assert cfg.output_dir == f"runs/{recipe}", "each recipe writes to its own runs/<name>"
 
 
 def test_run_yaml_round_trips(tmp_path):

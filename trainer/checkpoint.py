@@ -24,10 +24,10 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +37,19 @@ import numpy as np
 import torch
 
 from trainer.config import JobConfig, build_config
-from trainer.dist import DistInfo, barrier
+from trainer.dist import DistInfo, all_gather_objects, barrier
 from trainer.errors import CheckpointError
+from trainer.faults import fault
 from trainer.state import RankStateful, RankStates, Stateful
 
 log = logging.getLogger("dstrain")
 
 STATE_VERSION = 2
 COMPLETE = "COMPLETE"
+ONE_PROCESS = DistInfo()  # offline tools (dstrain export/ckpt) verify on their own
+MANIFEST = "MANIFEST.json"  # {file: [size, crc32]} of every file of a save, checked on resume
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
-FAULT_ENV = "DSTRAIN_FAULT"  # test-only fault injection: "kill_rank1_in_save:12", "signal_rank0_in_save"
 
 
 # ---------------------------------------------------------------- RNG
@@ -103,9 +105,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=step_of)
 
 
-def newest_complete(root: Path) -> Path | None:
-    """The checkpoint to resume from: ``latest`` if it names a complete save, else the newest
-    complete one. Incomplete dirs newer than it are reported and skipped."""
+def complete_newest_first(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first, ``latest``'s first when it names the newest step.
+    Incomplete dirs newer than every complete one are reported and skipped."""
     found = list_checkpoints(root)
     complete = [p for p in found if is_complete(p)]
     for p in found:
@@ -113,27 +115,98 @@ def newest_complete(root: Path) -> Path | None:
             log.warning(
                 "skipping incomplete checkpoint %s (no %s marker: the save was interrupted)", p, COMPLETE
             )
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named) and (not complete or step_of(named) >= step_of(complete[-1])):
-            return named
-    return complete[-1] if complete else None
+    return complete[::-1]
 
 
-def resolve_resume(arg: str | None, output_dir: str | Path) -> Path | None:
-    """``--resume`` semantics: None = fresh; "latest" = newest complete (must exist);
-    "auto" = newest complete or fresh; anything else = that checkpoint dir."""
+def newest_complete(root: Path) -> Path | None:
+    """The newest complete checkpoint (not verified: see :func:`resolve_resume`)."""
+    complete = complete_newest_first(root)
+    return complete[0] if complete else None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a save wrote (what its manifest covers), sorted; not the markers, nor a
+    universal conversion made later inside it."""
+    skip = {path / COMPLETE, path / MANIFEST}
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and f not in skip and "universal" not in f.relative_to(path).parts[:1]
+    )
+
+
+def file_records(path: Path, dist: DistInfo) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every file of ``path``, each rank hashing a share
+    (collective; on a shared filesystem the ranks read in parallel)."""
+    files = checkpoint_files(path)[dist.rank :: dist.world_size]
+    mine = {str(f.relative_to(path)): [f.stat().st_size, _crc32(f)] for f in files}
+    merged: dict[str, list[int]] = {}
+    for part in all_gather_objects(mine, dist):
+        merged.update(part)
+    return merged
+
+
+def verify(path: Path, dist: DistInfo = ONE_PROCESS) -> str | None:
+    """The first problem with ``path``'s files against its manifest (a missing, truncated or
+    corrupted file), or None when every file is as it was saved. Collective when distributed."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{manifest_path} cannot be read ({exc})"
+    problems = []
+    for rel, (size, crc) in sorted(manifest.items())[dist.rank :: dist.world_size]:
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {size} were saved (truncated)")
+        elif _crc32(f) != crc:
+            problems.append(f"{f} does not match its checksum (corrupted)")
+    found = sorted(p for part in all_gather_objects(problems, dist) for p in part)
+    return found[0] if found else None
+
+
+def resolve_resume(arg: str | None, output_dir: str | Path, dist: DistInfo = ONE_PROCESS) -> Path | None:
+    """``--resume`` semantics: None = fresh; "latest" = the newest intact checkpoint (one must
+    exist); "auto" = the newest intact checkpoint or fresh; anything else = that checkpoint dir.
+
+    Every candidate is verified against its manifest first: a damaged newest checkpoint is
+    reported (naming the file) and the previous complete one is taken, never garbage. An
+    explicit PATH that is damaged is an error. Collective when distributed.
+    """
     if arg is None:
         return None
     root = Path(output_dir) / "checkpoints"
     if arg in ("latest", "auto"):
-        found = newest_complete(root)
-        if found is None and arg == "latest":
+        candidates = complete_newest_first(root)
+        for path in candidates:
+            problem = verify(path, dist)
+            if problem is None:
+                if path != candidates[0]:
+                    log.warning("resuming from %s, the newest intact checkpoint", path)
+                return path
+            log.warning(
+                "checkpoint %s is damaged: %s; falling back to the previous complete one", path, problem
+            )
+        if candidates:
+            raise CheckpointError(
+                f"--resume: every checkpoint under {root} is damaged (the newest: {verify(candidates[0], dist)}); "
+                "start a new output_dir, or export what is readable with dstrain export"
+            )
+        if arg == "latest":
             raise CheckpointError(
                 f"--resume: no complete checkpoint under {root}; use --resume auto to start fresh"
             )
-        return found
+        return None
     path = Path(arg)
     if not path.is_dir():
         raise CheckpointError(f"--resume {arg}: no such checkpoint directory")
@@ -141,6 +214,9 @@ def resolve_resume(arg: str | None, output_dir: str | Path) -> Path | None:
         raise CheckpointError(
             f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker); pick an older one"
         )
+    problem = verify(path, dist)
+    if problem is not None:
+        raise CheckpointError(f"--resume {arg}: the checkpoint is damaged: {problem}; pick an older one")
     return path
 
 
@@ -275,21 +351,6 @@ def check_resume_config(saved: JobConfig, current: JobConfig) -> dict[str, tuple
 # ---------------------------------------------------------------- save / load
 
 
-def _maybe_inject_fault(point: str, step: int, dist: DistInfo) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    name, _, at = spec.partition(":")
-    if int(at or step) != step:
-        return
-    if name == f"kill_rank{dist.rank}_{point}":
-        log.warning("fault injection: SIGKILL at %s, step %d", point, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-    if name == f"signal_rank{dist.rank}_{point}":  # e.g. a second SIGTERM during a pre-emption save
-        log.warning("fault injection: SIGTERM at %s, step %d", point, step)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -323,13 +384,18 @@ class Checkpointer:
     write_extras: Callable[[Path], None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     exclude_frozen: bool = False
+    last_save_bytes: int = 0
 
     @property
     def root(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
 
     def save(self, step: int, protect: Iterable[int] = ()) -> Path:
-        """Collective: every rank calls it at the same step. ``protect``: steps pruning keeps."""
+        """Collective: every rank calls it at the same step. ``protect``: steps pruning keeps.
+
+        A failure while writing (a full disk) is a CheckpointError on the rank that hit it: the
+        previous checkpoint and ``latest`` are untouched, and nothing is pruned to make room.
+        """
         started = time.perf_counter()
         tag = f"step_{step}"
         path = self.root / tag
@@ -337,7 +403,48 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             if path.exists():  # left by an interrupted save of the same step: never reuse it
                 shutil.rmtree(path)
+            self._warn_if_short_of_space()
         barrier(self.dist)
+        try:
+            self._write(step, tag, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            previous = newest_complete(self.root)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            where = exc.filename if isinstance(exc, OSError) and exc.filename else path
+            raise CheckpointError(
+                f"saving step {step} failed on rank {self.dist.rank}: {reason} ({where}); the previous checkpoint "
+                f"{previous.name if previous else '(none)'} is intact and nothing was pruned; free space "
+                f"under {self.root} (or lower train.keep_last), then --resume"
+            ) from None
+        barrier(self.dist)  # every rank has finished writing before the save counts
+        records = file_records(path, self.dist)
+        if self.dist.is_main:
+            _atomic_write(path / MANIFEST, json.dumps(records))
+            _atomic_write(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
+            _atomic_write(self.root / LATEST, tag)
+            self.prune(protect)
+            self.last_save_bytes = dir_size(path)
+            log.info(
+                "saved %s (%.1f MB) in %.1f s",
+                path,
+                self.last_save_bytes / 1e6,
+                time.perf_counter() - started,
+            )
+        barrier(self.dist)
+        return path
+
+    def _warn_if_short_of_space(self) -> None:
+        free = shutil.disk_usage(self.root).free
+        if self.last_save_bytes and free < 1.1 * self.last_save_bytes:
+            log.warning(
+                "%.1f GB free under %s and the last save took %.1f GB: the next one may not fit "
+                "(older checkpoints are only pruned after a new one is complete)",
+                free / 1e9,
+                self.root,
+                self.last_save_bytes / 1e9,
+            )
+
+    def _write(self, step: int, tag: str, path: Path) -> None:
         client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
         self.engine.save_checkpoint(
             str(self.root),
@@ -346,7 +453,7 @@ class Checkpointer:
             save_latest=False,
             exclude_frozen_parameters=self.exclude_frozen,
         )
-        _maybe_inject_fault("in_save", step, self.dist)
+        fault("in_save", step, self.dist.rank)
         rank_state = {
             "version": STATE_VERSION,
             "rank": self.dist.rank,
@@ -368,16 +475,6 @@ class Checkpointer:
             _atomic_write(path / TRAINER_STATE, json.dumps(meta, indent=2))
             if self.write_extras is not None:
                 self.write_extras(path)
-        barrier(self.dist)  # every rank has finished writing before the save counts
-        if self.dist.is_main:
-            _atomic_write(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
-            _atomic_write(self.root / LATEST, tag)
-            self.prune(protect)
-            log.info(
-                "saved %s (%.1f MB) in %.1f s", path, dir_size(path) / 1e6, time.perf_counter() - started
-            )
-        barrier(self.dist)
-        return path
 
     def prune(self, protect: Iterable[int] = ()) -> None:
         """Keep the newest ``keep_last`` complete saves and the ``protect``ed steps; incomplete

@@ -135,12 +135,15 @@ class TrainConfig(ConfigBase):
     save_every: int = opt(500, "Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = opt(3, "Keep the newest N complete checkpoints (0 = keep all).")
     keep_best: bool = opt(False, "Also keep the checkpoint with the best eval loss (saved at eval steps).")
+    max_bad_steps: int = opt(
+        5, "Stop after this many non-finite (NaN/Inf) steps in a row; each is skipped (0 = never stop)."
+    )
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every", "keep_last"):
+        for key in ("eval_every", "save_every", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--train.{key} must be >= 0, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -146,3 +146,12 @@ def barrier(dist: DistInfo) -> None:
     """Wait for every rank (a no-op on one rank or before the process group exists)."""
     if dist.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def all_gather_objects(obj: object, dist: DistInfo) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` on one rank."""
+    if dist.world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    gathered: list[object] = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

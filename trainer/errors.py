@@ -19,3 +19,7 @@ class DataError(DstrainError):
 
 class CheckpointError(DstrainError):
     """A checkpoint is missing, incomplete or does not fit the current run."""
+
+
+class TrainingError(DstrainError):
+    """Training cannot go on as configured: out of memory, or the loss diverged (non-finite steps)."""

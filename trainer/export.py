@@ -30,6 +30,7 @@ from trainer.checkpoint import (
     newest_complete,
     read_meta,
     to_universal,
+    verify,
 )
 from trainer.dist import DistInfo, barrier
 from trainer.errors import CheckpointError, DstrainError
@@ -152,6 +153,9 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
         ckpt = newest_complete(root) or ckpt
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+    problem = verify(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{ckpt} is damaged: {problem}; export an older checkpoint")
     return ckpt
 
 

@@ -25,8 +25,8 @@ import torch
 
 from trainer.config import JobConfig
 from trainer.data.packing import Batch, filler_batch
-from trainer.dist import DistInfo, all_reduce_max, all_reduce_sum
-from trainer.errors import DataError
+from trainer.dist import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
+from trainer.errors import DataError, TrainingError
 from trainer.metrics import Callback, MetricRecorder, perplexity
 from trainer.train_module import StepResult, TrainModule, target_count, token_count
 
@@ -45,6 +45,7 @@ class TrainState:
     best_step: int | None = None
     last_eval_step: int | None = None
     last_save_step: int | None = None
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,7 @@ class Trainer:
         self._window_loss: torch.Tensor | None = None
         self._window_targets = 0
         self._steps_in_epoch = 0
+        self._bad_in_a_row = 0
         self._filler = filler_batch(attention_mask=not job.data.pack)
 
     # -- when ----------------------------------------------------------------------------------
@@ -191,7 +193,16 @@ class Trainer:
         fillers = [self._filler] * (self.job.train.grad_accum - len(plan.micro_batches))
         self._emit("pre_step")
         started = time.perf_counter()
-        result = self.module.train_step(plan.micro_batches + fillers, plan.targets)
+        try:
+            result = self.module.train_step(plan.micro_batches + fillers, plan.targets, self.state.step + 1)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                out_of_memory_message(self.job, self.dist, self.state.step + 1, plan)
+            ) from None
+        if not result.applied:
+            self._skip_bad_step(result)
+            return
+        self._bad_in_a_row = 0
         self.state.step += 1
         self._steps_in_epoch += 1
         self.state.tokens_seen += plan.tokens
@@ -202,6 +213,29 @@ class Trainer:
         self._emit("post_step", plan, result, time.perf_counter() - started)
         if self.is_log_step():
             self._log_step(plan, result)
+
+    def _skip_bad_step(self, result: StepResult) -> None:
+        """A non-finite loss or gradient: the optimizer skipped the update and the schedule did
+        not move, so neither does the step count; too many in a row stop the run."""
+        self.state.skipped_steps += 1
+        self._bad_in_a_row += 1
+        step = self.state.step + 1
+        log.warning(
+            "step %d skipped: non-finite loss or gradient norm (%s); %d in a row, %d in all",
+            step,
+            result.grad_norm,
+            self._bad_in_a_row,
+            self.state.skipped_steps,
+        )
+        limit = self.job.train.max_bad_steps
+        if limit and self._bad_in_a_row >= limit:
+            good = self.state.last_save_step
+            where = f"{self.job.output_dir}/checkpoints/step_{good}" if good else "none saved yet"
+            raise TrainingError(
+                f"{self._bad_in_a_row} non-finite steps in a row after step {self.state.step} (train.max_bad_steps "
+                f"{limit}): the loss diverged; the last good checkpoint is {where}: resume from it with a "
+                "lower --optim.lr or more warmup, or look at the data of these steps (log.doc_ids)"
+            )
 
     def _log_step(self, plan: StepPlan, result: StepResult) -> None:
         """Reduce the window's loss and the callbacks' metrics (rank 0 writes the record)."""
@@ -216,6 +250,7 @@ class Trainer:
             "lr": result.lrs[0],
             "lrs": result.lrs,
             "grad_norm": result.grad_norm,
+            "skipped_steps": self.state.skipped_steps,
             "tokens": self.state.tokens_seen,
             **reduced,
         }
@@ -299,11 +334,34 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
 
+def out_of_memory_message(job: JobConfig, dist: DistInfo, step: int, plan: StepPlan) -> str:
+    """Rank, step, batch shape and the next thing to try, cheapest first."""
+    train, zero = job.train, job.zero
+    shapes = sorted({tuple(b["input_ids"].shape) for b in plan.micro_batches}) or [(0, 0)]
+    tries = []
+    if train.micro_batch_size > 1:
+        tries.append(
+            f"--train.micro_batch_size {train.micro_batch_size // 2} --train.grad_accum {train.grad_accum * 2} "
+            "(the same global batch)"
+        )
+    if not job.model.gradient_checkpointing:
+        tries.append("--model.gradient_checkpointing true")
+    if zero.stage < 3:
+        tries.append(f"--zero.stage {zero.stage + 1}")
+    elif not zero.offload_optimizer:
+        tries.append("--zero.offload_optimizer true")
+    elif not zero.offload_params:
+        tries.append("--zero.offload_params true")
+    tries.append(f"a shorter --data.max_seq_len than {job.data.max_seq_len}")
+    return (
+        f"rank {dist.rank} ran out of memory at step {step}: micro-batch {shapes[-1][0]} x {shapes[-1][1]} "
+        f"tokens (max_seq_len {job.data.max_seq_len}), ZeRO-{zero.stage}"
+        f"{', optimizer offload' if zero.offload_optimizer else ''} on {dist.world_size} rank(s); "
+        f"try {'; or '.join(tries)} (dstrain estimate shows what fits)"
+    )
+
+
 def gather_doc_ids(micro_batches: list[Batch], dist: DistInfo) -> list[int]:
     """Sorted ids of the documents this step trained on, over all ranks (an audit trail)."""
     local = sorted({int(i) for b in micro_batches for i in b["doc_ids"].unique().tolist() if i >= 0})
-    if dist.world_size == 1 or not torch.distributed.is_initialized():
-        return local
-    gathered: list[list[int]] = [[] for _ in range(dist.world_size)]
-    torch.distributed.all_gather_object(gathered, local)
-    return sorted({i for part in gathered for i in part})
+    return sorted({i for part in all_gather_objects(local, dist) for i in part})

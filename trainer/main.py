@@ -65,7 +65,7 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     on_gpu = dist.device.startswith("cuda")
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     out = Path(job.output_dir)
-    resume_path = ckpt.resolve_resume(resume, job.output_dir)
+    resume_path = ckpt.resolve_resume(resume, job.output_dir, dist)
     if resume_path is not None:  # fail fast on an architecture change, before building anything
         ckpt.check_resume_config(ckpt.saved_config(resume_path), job)
     tokenizer = load_tokenizer(job.tokenizer_path)

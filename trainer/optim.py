@@ -84,8 +84,28 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any
     return groups
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, and says so in ``overflow``.
+
+    DeepSpeed's ZeRO optimizers and its bf16 optimizer already skip a step with a non-finite
+    gradient norm (and then leave the LR scheduler alone); at ZeRO-0 in fp32 it calls this
+    optimizer directly, reading ``overflow`` the same way. Gradients are all-reduced before the
+    step at ZeRO-0, so every rank takes the same decision.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The torch AdamW the engine wraps when DeepSpeed does not build the optimizer itself."""
-    return torch.optim.AdamW(
+    return FiniteAdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False
     )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from trainer.data.packing import IGNORE_INDEX, Batch
 from trainer.dist import DistInfo
+from trainer.faults import fault
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
@@ -34,6 +35,7 @@ class StepResult:
     loss_sum: torch.Tensor  # summed token loss of this rank's micro-batches (detached, on the device)
     grad_norm: float | None  # global gradient norm before clipping
     lrs: list[float]  # the optimizer's lr per param group, as used by this update
+    applied: bool = True  # False: a non-finite gradient made the optimizer skip the update
 
 
 def target_count(batch: Batch) -> int:
@@ -77,16 +79,26 @@ class TrainModule:
         self.engine = engine
         self.dist = dist
 
-    def train_step(self, micro_batches: list[Batch], total_targets: int) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], total_targets: int, step: int = 0) -> StepResult:
         """Forward/backward every micro-batch and step; ``total_targets`` is the step's target
-        count over all ranks (every rank must pass the same number of micro-batches)."""
+        count over all ranks (every rank must pass the same number of micro-batches).
+
+        A non-finite loss or gradient makes the optimizer skip the update (DeepSpeed's ZeRO and
+        bf16 optimizers, or ``FiniteAdamW`` at ZeRO-0), and the LR scheduler is not stepped:
+        ``applied`` is False. ``step`` (the step this becomes) only feeds fault injection.
+        """
         engine = self.engine
         lrs = [float(lr) for lr in engine.get_lr()]  # read before the scheduler steps
         scale = self.dist.world_size / max(total_targets, 1)
         engine.train()
         loss_sum = torch.zeros((), device=self.dist.device)
+        poison = fault("in_step", step, self.dist.rank)
         for i, batch in enumerate(micro_batches):
+            if poison == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by DSTRAIN_FAULT)")
             loss = summed_loss(engine, batch, self.dist.device)
+            if poison == "nan" and i == 0:
+                loss = loss * float("nan")
             engine.backward(loss * scale, scale_wrt_gas=False)
             own_norm = None
             if i == len(micro_batches) - 1:
@@ -96,7 +108,12 @@ class TrainModule:
         norm = engine.get_global_grad_norm()
         if norm is None:
             norm = own_norm
-        return StepResult(loss_sum=loss_sum, grad_norm=None if norm is None else float(norm), lrs=lrs)
+        return StepResult(
+            loss_sum=loss_sum,
+            grad_norm=None if norm is None else float(norm),
+            lrs=lrs,
+            applied=engine.was_step_applied(),
+        )
 
     def _stage0_grad_norm(self) -> float | None:
         """ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm; at the boundary the

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import signal
@@ -11,9 +13,11 @@ import torch
 
 from trainer.checkpoint import (
     COMPLETE,
+    MANIFEST,
     Checkpointer,
     RNGState,
     check_resume_config,
+    file_records,
     newest_complete,
     resolve_resume,
 )
@@ -28,8 +32,11 @@ def make_ckpts(
 ) -> Path:
     ckpts = root / "checkpoints"
     for step in complete:
-        (ckpts / f"step_{step}").mkdir(parents=True)
-        (ckpts / f"step_{step}" / COMPLETE).write_text("{}")
+        path = ckpts / f"step_{step}"
+        path.mkdir(parents=True)
+        (path / "model.pt").write_bytes(bytes(range(256)) * (step + 1))
+        (path / MANIFEST).write_text(json.dumps(file_records(path, DistInfo())))
+        (path / COMPLETE).write_text("{}")
     for step in incomplete:
         (ckpts / f"step_{step}").mkdir(parents=True)
     if latest is not None:
@@ -52,6 +59,29 @@ def test_a_stale_latest_pointer_never_wins_over_a_newer_complete_save(tmp_path):
     assert newest_complete(ckpts) == ckpts / "step_10"
     (ckpts / "latest").write_text("step_99")  # points at nothing
     assert newest_complete(ckpts) == ckpts / "step_10"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_taken(tmp_path, caplog, damage):
+    ckpts = make_ckpts(tmp_path, complete=[5, 10], latest=10)
+    victim = ckpts / "step_10" / "model.pt"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(data[:-7])
+    elif damage == "flip":
+        data[100] ^= 0xFF
+        victim.write_bytes(data)
+    else:
+        victim.unlink()
+    with caplog.at_level(logging.WARNING, logger="dstrain"):
+        assert resolve_resume("latest", tmp_path) == ckpts / "step_5"
+    assert any(str(victim) in r.message and "falling back" in r.message for r in caplog.records)
+    with pytest.raises(CheckpointError, match=r"step_10: the checkpoint is damaged: .*model\.pt") as info:
+        resolve_resume(str(ckpts / "step_10"), tmp_path)
+    assert "\n" not in str(info.value)
+    (ckpts / "step_5" / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="every checkpoint under .* is damaged"):
+        resolve_resume("auto", tmp_path)
 
 
 def test_bare_resume_without_checkpoints_is_an_error_and_auto_starts_fresh(tmp_path):

@@ -40,15 +40,18 @@ class Data:
 class Module:
     """Records every step's micro-batches; the loss sum is ``loss_per_target * targets``."""
 
-    def __init__(self, loss_per_target=None) -> None:
+    def __init__(self, loss_per_target=None, bad_calls=()) -> None:
         self.steps: list[list[dict]] = []
         self.loss_per_target = iter(loss_per_target or [])
+        self.bad_calls = set(bad_calls)
 
-    def train_step(self, micro, total_targets):
+    def train_step(self, micro, total_targets, step=0):
         self.steps.append(micro)
         assert total_targets == sum(target_count(b) for b in micro)
         per = next(self.loss_per_target, 1.0)
-        return StepResult(loss_sum=torch.tensor(per * total_targets), grad_norm=None, lrs=[1e-3])
+        bad = len(self.steps) in self.bad_calls  # the optimizer skipped a non-finite update
+        loss = torch.tensor(float("nan") if bad else per * total_targets)
+        return StepResult(loss_sum=loss, grad_norm=float("inf") if bad else 1.0, lrs=[1e-3], applied=not bad)
 
 
 class Recorder:
@@ -110,3 +113,31 @@ def test_a_step_without_target_tokens_is_not_taken():
     module = Module()
     state = Trainer(job, DistInfo(), module, data, None, total_steps=1, callbacks=[]).fit()
     assert state.step == 1 and trained_doc_ids(module) == [8]
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_max_bad_steps():
+    import pytest
+
+    from trainer.errors import TrainingError
+
+    job = build_config(
+        base={
+            "tokenizer": "t",
+            "train": {"max_steps": 4, "grad_accum": 1, "log_every": 1, "eval_every": 0, "max_bad_steps": 2},
+        }
+    )
+    recorder = Recorder()
+    module = Module(bad_calls={2})
+    state = Trainer(
+        job, DistInfo(), module, [batch(i) for i in range(10)], None, 4, callbacks=[recorder]
+    ).fit()
+    # 5 calls for 4 steps: the 2nd was skipped (no step, no loss in the record), nothing else changed.
+    assert len(module.steps) == 5 and state.step == 4 and state.skipped_steps == 1
+    assert [r["step"] for r in recorder.records] == [1, 2, 3, 4]
+    assert all(r["loss"] == 1.0 for r in recorder.records) and recorder.records[-1]["skipped_steps"] == 1
+
+    module = Module(bad_calls={2, 3})
+    with pytest.raises(
+        TrainingError, match=r"2 non-finite steps in a row after step 1 .*max_bad_steps 2.*none saved yet"
+    ):
+        Trainer(job, DistInfo(), module, [batch(i) for i in range(10)], None, 4, callbacks=[]).fit()

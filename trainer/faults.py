@@ -1,0 +1,44 @@
+"""Test-only fault injection: ``DSTRAIN_FAULT=<action>_rank<R>_<point>[:<step>][,...]``.
+
+Fault tests need failures at exact places that an outside signal cannot hit reliably (inside
+a save, in the middle of an eval, a non-finite loss at a given step). Each spec names an
+action, the rank it hits, the point in the code and optionally the optimizer step:
+
+- ``kill_rank1_in_save:12``   SIGKILL rank 1 after DeepSpeed wrote its files for step 12;
+- ``signal_rank0_in_save``    SIGTERM to rank 0 inside every save (a second pre-emption signal);
+- ``kill_rank0_in_eval:8``    SIGKILL rank 0 half-way through the eval at step 8;
+- ``nan_rank1_in_step:5``     make rank 1's loss NaN in the step that becomes step 5;
+- ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests).
+
+Unset (every real run), :func:`fault` returns None after one dict lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("dstrain")
+
+FAULT_ENV = "DSTRAIN_FAULT"
+
+
+def fault(point: str, step: int, rank: int) -> str | None:
+    """The action injected at ``point`` of ``step`` on ``rank`` (kill/signal act here), or None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        name, _, at = item.partition(":")
+        action, _, rest = name.partition("_rank")
+        where = f"{rank}_{point}"
+        if rest != where or (at and int(at) != step):
+            continue
+        log.warning("fault injection: %s at %s, step %d", action, point, step)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return action
+    return None

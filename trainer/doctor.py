@@ -566,6 +566,30 @@ def check_attention(job: JobConfig, dist: DistInfo, precision: str | None) -> tu
     ), attention
 
 
+def check_zero(job: JobConfig, dist: DistInfo, precision: str | None) -> Finding:
+    """The DeepSpeed config this job generates (``build_ds_config`` refuses some combinations)."""
+    from trainer.ds_config import build_ds_config
+
+    zero = job.zero
+    offload = [
+        name for name, on in (("optimizer", zero.offload_optimizer), ("params", zero.offload_params)) if on
+    ]
+    if zero.offload_optimizer:
+        optimizer = "DeepSpeed CPU Adam"
+    elif job.optim.name == "muon":
+        optimizer = "DeepSpeed Muon"
+    else:
+        optimizer = "torch AdamW"
+    facts = {"stage": zero.stage, "offload": offload, "optimizer": optimizer}
+    detail = f"ZeRO-{zero.stage}, offload {' + '.join(offload) or 'none'}, {optimizer}"
+    try:
+        # The precision only shapes the fp16/bf16 blocks; fp32 stands in when it does not resolve.
+        build_ds_config(job, precision or "fp32", on_gpu(dist))  # type: ignore[arg-type]
+    except ConfigError as exc:
+        return Finding("zero", "fail", f"{detail}: DeepSpeed config refused", str(exc), facts)
+    return Finding("zero", "ok", detail, facts=facts)
+
+
 def check_disk(output_dir: str) -> Finding:
     """``output_dir`` can be created and written, with room for checkpoints."""
     existing = nearest_existing(Path(output_dir))
@@ -649,6 +673,7 @@ def diagnose(job: JobConfig) -> tuple[list[Finding], str]:
         check_flash_attn(job, dist, attention),
         precision_finding,
         attention_finding,
+        check_zero(job, dist, precision),
         check_disk(job.output_dir),
         check_host(),
     ]

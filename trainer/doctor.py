@@ -153,9 +153,7 @@ def nccl_version() -> str | None:
         version = torch.cuda.nccl.version()
     except (AttributeError, RuntimeError):
         return None
-    if isinstance(version, int):  # older torch: 2.18.3 as 21803
-        return f"{version // 10000}.{version // 100 % 100}.{version % 100}"
-    return ".".join(map(str, version))
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def cuda_summary(dist: DistInfo) -> str:
@@ -167,7 +165,8 @@ def cuda_summary(dist: DistInfo) -> str:
         where = f"cpu, {dist.backend}"
         return f"none ({where})" if built is None else f"{built} built, no GPU visible ({where})"
     props = torch.cuda.get_device_properties(torch.device(dist.device))
-    backend = dist.backend + (f" {nccl_version()}" if dist.backend == "nccl" and nccl_version() else "")
+    nccl = nccl_version() if dist.backend == "nccl" else None
+    backend = dist.backend + (f" {nccl}" if nccl else "")
     return (
         f"{torch.version.cuda} ({torch.cuda.device_count()}x {props.name} "
         f"{props.total_memory / GIB:.0f} GiB, {backend})"
@@ -177,10 +176,11 @@ def cuda_summary(dist: DistInfo) -> str:
 def summary_line(job: JobConfig, dist: DistInfo) -> str:
     """The environment in one line, for the top of every run's log (rank 0).
 
-    Cheap by design: versions come from package metadata (DeepSpeed and transformers are not
-    imported for it), no subprocess, no GPU memory probe, no op check. A dtype or attention
-    backend that cannot run here shows as ``unusable``; the trainer raises the full error when
-    it resolves them.
+    Cheap by design: versions come from package metadata (DeepSpeed is not imported for it), no
+    subprocess, no GPU memory probe, no op check. The attention backend comes from
+    ``trainer.model.select_attention``, so the first call imports transformers (which the trainer
+    imports next anyway). A dtype or attention backend that cannot run here shows as
+    ``unusable``; the trainer raises the full error when it resolves them.
     """
     import torch
 
@@ -440,6 +440,7 @@ def check_op(accelerator: Any, need: OpNeed) -> Finding:
         compatible = bool(builder.is_compatible(verbose=False))
     reason = getattr(builder, "error_log", None) or said.getvalue().strip()
     build_dir = jit_build_dir(name)
+    # DeepSpeed's own test in OpBuilder.load(): built at install time for this accelerator.
     prebuilt = bool(installed_ops.get(name)) and accelerator_name == accelerator._name
     cached = (build_dir / f"{name}.so").is_file()
     facts = {
@@ -528,12 +529,15 @@ def check_precision(job: JobConfig, dist: DistInfo) -> tuple[Finding, str | None
     facts["resolved"] = precision
     detail = f"model.dtype {job.model.dtype} -> {precision}"
     if on_gpu(dist) and precision == "fp32":
+        import torch
+
+        better = "bf16" if torch.cuda.is_bf16_supported() else "fp16 (this GPU has no bf16)"
         return (
             Finding(
                 "precision",
                 "warn",
                 f"{detail} on a GPU: several times slower than 16-bit",
-                "--model.dtype bf16 (Ampere or newer) or fp16",
+                f"--model.dtype {better}",
                 facts,
             ),
             precision,

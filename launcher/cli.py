@@ -46,6 +46,11 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data.tools", "main", "Prepare and inspect data (json/jsonl -> parquet, stats)."),
     "export": ("trainer.export", "export_main", "Export a checkpoint to Hugging Face format."),
     "ckpt": ("trainer.export", "ckpt_main", "List, check and convert checkpoints."),
+    "doctor": (
+        "trainer.doctor",
+        "doctor_main",
+        "Check that this machine can run a recipe (GPUs, ops, disk).",
+    ),
 }
 
 

@@ -411,10 +411,11 @@ class Checkpointer:
             previous = newest_complete(self.root)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             where = exc.filename if isinstance(exc, OSError) and exc.filename else path
+            free_mb = shutil.disk_usage(self.root).free / 1e6
             raise CheckpointError(
-                f"saving step {step} failed on rank {self.dist.rank}: {reason} ({where}); the previous checkpoint "
-                f"{previous.name if previous else '(none)'} is intact and nothing was pruned; free space "
-                f"under {self.root} (or lower train.keep_last), then --resume"
+                f"saving step {step} failed on rank {self.dist.rank}: {reason} ({where}; {free_mb:.1f} MB free "
+                f"under {self.root}); the previous checkpoint {previous.name if previous else '(none)'} is "
+                "intact and nothing was pruned; free space (or lower train.keep_last), then --resume"
             ) from None
         barrier(self.dist)  # every rank has finished writing before the save counts
         records = file_records(path, self.dist)

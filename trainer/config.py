@@ -299,10 +299,11 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, recursing into mappings except ``model.overrides``-style leaves."""
+    """``top`` over ``base``, key by key into every mapping: ``--model.overrides.hidden_size 128``
+    changes one field of a recipe's overrides and keeps the others."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

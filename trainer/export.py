@@ -111,24 +111,19 @@ def save_adapter(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out
     return out
 
 
-def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
-    """Collective export of the live engine to an HF directory (rank 0 writes)."""
-    state = consolidated_state_dict(engine)
+def export_live(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo, adapter: bool) -> Path:
+    """Collective export of the live engine (rank 0 writes): the whole model as an HF directory,
+    or with ``adapter`` a LoRA run's adapter in peft format."""
+    state = consolidated_state_dict(engine, trainable_only=adapter)
     if dist.is_main:
         assert state is not None
-        save_hf(engine.module, state, tokenizer, out_dir)
-        log.info("exported Hugging Face model to %s", out_dir)
-    barrier(dist)
-    return Path(out_dir)
-
-
-def export_adapter(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo) -> Path:
-    """Collective export of a LoRA run's adapter in peft format (rank 0 writes)."""
-    state = consolidated_state_dict(engine, trainable_only=True)
-    if dist.is_main:
-        assert state is not None
-        save_adapter(engine.module, state, tokenizer, out_dir)
-        log.info("exported the LoRA adapter to %s (load it with PeftModel.from_pretrained)", out_dir)
+        (save_adapter if adapter else save_hf)(engine.module, state, tokenizer, out_dir)
+        what = (
+            "the LoRA adapter (load it with PeftModel.from_pretrained)"
+            if adapter
+            else "the Hugging Face model"
+        )
+        log.info("exported %s to %s", what, out_dir)
     barrier(dist)
     return Path(out_dir)
 

@@ -8,9 +8,11 @@ action, the rank it hits, the point in the code and optionally the optimizer ste
 - ``signal_rank0_in_save``    SIGTERM to rank 0 inside every save (a second pre-emption signal);
 - ``kill_rank0_in_eval:8``    SIGKILL rank 0 half-way through the eval at step 8;
 - ``nan_rank1_in_step:5``     make rank 1's loss NaN in the step that becomes step 5;
+- ``nan_rank1_in_step:5x3``   the same three times (a skipped step is tried again as step 5);
 - ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests).
 
-Unset (every real run), :func:`fault` returns None after one dict lookup.
+A spec fires once per process unless it says ``x<times>``. Unset (every real run), :func:`fault`
+returns None after one dict lookup.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ log = logging.getLogger("dstrain")
 FAULT_ENV = "DSTRAIN_FAULT"
 
 
+_fired: dict[str, int] = {}
+
+
 def fault(point: str, step: int, rank: int) -> str | None:
     """The action injected at ``point`` of ``step`` on ``rank`` (kill/signal act here), or None."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
     for item in spec.split(","):
-        name, _, at = item.partition(":")
+        name, _, when = item.partition(":")
+        at, _, times = when.partition("x")
         action, _, rest = name.partition("_rank")
-        where = f"{rank}_{point}"
-        if rest != where or (at and int(at) != step):
+        if rest != f"{rank}_{point}" or (at and int(at) != step) or _fired.get(item, 0) >= int(times or 1):
             continue
+        if at:  # a spec for one step fires its number of times; one without a step, every time
+            _fired[item] = _fired.get(item, 0) + 1
         log.warning("fault injection: %s at %s, step %d", action, point, step)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -144,11 +144,11 @@ def write_checkpoint_extras(path: Path, job: JobConfig, engine: object, tokenize
 
 def export_final(job: JobConfig, engine: object, tokenizer: object, dist: DistInfo, fresh: bool) -> Path:
     """``<output_dir>/hf/`` (or ``adapter/`` for LoRA): written after training, or when missing."""
-    from trainer.export import export_adapter, export_hf
+    from trainer.export import export_live
 
     out = Path(job.output_dir) / ("adapter" if job.lora.enabled else "hf")
     if fresh or not out.is_dir():
-        (export_adapter if job.lora.enabled else export_hf)(engine, tokenizer, out, dist)
+        export_live(engine, tokenizer, out, dist, adapter=job.lora.enabled)
     return out
 
 
@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.metrics import setup_logging
 
         console = setup_logging(job.output_dir, dist)
+        if dist.is_main:
+            from trainer.doctor import summary_line
+
+            log.info(summary_line(job, dist))
         init_distributed(dist)
         return run(job, dist, args.resume, console)
     except DstrainError as exc:

@@ -119,3 +119,9 @@ def test_readme_documents_every_recipe_key():
     assert current == reference.table(), (
         "README's recipe reference is stale: python scripts/config_reference.py --write"
     )
+
+
+def test_a_dotted_override_changes_one_architecture_field_and_keeps_the_rest():
+    cfg = build_config(config_path=recipe_path("demo"), overrides=["--model.overrides.hidden_size", "128"])
+    assert cfg.model.overrides["hidden_size"] == 128
+    assert cfg.model.overrides["num_hidden_layers"] == 4 and cfg.model.overrides["intermediate_size"] == 704

@@ -24,7 +24,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.ds_config import build_ds_config
 from trainer.engine import apply_hyperparameters, build_engine, optimizer_groups
-from trainer.export import consolidated_state_dict, export_hf
+from trainer.export import consolidated_state_dict, export_live
 from trainer.train_module import TrainModule, target_count
 
 STEPS = 10
@@ -90,7 +90,7 @@ def main() -> None:
             engine.eval()
             with torch.no_grad():
                 logits = engine(input_ids=probe).logits
-            export_hf(engine, _Tok(), out / "hf", dist)
+            export_live(engine, _Tok(), out / "hf", dist, adapter=False)
             if dist.is_main:
                 torch.save(logits, out / "engine_logits.pt")
     weights = {}

@@ -22,7 +22,7 @@ from trainer.config import build_config
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.ds_config import build_ds_config
 from trainer.engine import build_engine
-from trainer.export import consolidated_state_dict, export_adapter
+from trainer.export import consolidated_state_dict, export_live
 from trainer.model import build_model
 from trainer.tokenizer import load_tokenizer
 from trainer.train_module import TrainModule, target_count
@@ -92,7 +92,7 @@ def main() -> None:
         engine.eval()
         with torch.no_grad():
             logits = engine(input_ids=PROBE).logits
-        export_adapter(engine, tokenizer, work / f"adapter_z{stage}", dist)
+        export_live(engine, tokenizer, work / f"adapter_z{stage}", dist, adapter=True)
         saved = Checkpointer(
             job.output_dir, dist, engine, shared={}, per_rank={}, keep_last=0, exclude_frozen=True
         ).save(STEPS)

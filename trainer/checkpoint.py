@@ -438,11 +438,11 @@ class Checkpointer:
         free = shutil.disk_usage(self.root).free
         if self.last_save_bytes and free < 1.1 * self.last_save_bytes:
             log.warning(
-                "%.1f GB free under %s and the last save took %.1f GB: the next one may not fit "
+                "%.1f MB free under %s and the last save took %.1f MB: the next one may not fit "
                 "(older checkpoints are only pruned after a new one is complete)",
-                free / 1e9,
+                free / 1e6,
                 self.root,
-                self.last_save_bytes / 1e9,
+                self.last_save_bytes / 1e6,
             )
 
     def _write(self, step: int, tag: str, path: Path) -> None:

@@ -22,7 +22,7 @@ def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, An
     if "optimizer" in ds_config:
         optimizer, parameters = None, param_groups(model, job.optim)
     else:
-        optimizer, parameters = build_optimizer(model, job.optim), None
+        optimizer, parameters = build_optimizer(model, job.optim, job.zero.stage), None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameters,

@@ -104,8 +104,9 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The torch AdamW the engine wraps when DeepSpeed does not build the optimizer itself."""
-    return FiniteAdamW(
-        param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False
-    )
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 0) -> torch.optim.Optimizer:
+    """The torch AdamW the engine wraps when DeepSpeed does not build the optimizer itself:
+    :class:`FiniteAdamW` at ZeRO-0 (DeepSpeed steps it directly), the plain class under ZeRO
+    (whose optimizers check the gradient norm themselves and accept only known classes)."""
+    cls = FiniteAdamW if zero_stage == 0 else torch.optim.AdamW
+    return cls(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)

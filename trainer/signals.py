@@ -39,8 +39,15 @@ class Preemption:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous handlers; after a stop request, ignore the stop signals instead.
+
+        A rank that saved is on its way out with exit 75, and late copies of the signal still
+        arrive (a launcher forwards what the process group already got, a scheduler repeats
+        it). A Python handler is reset to the default action when the interpreter shuts down,
+        and the default would turn exit 75 into death by signal; SIG_IGN survives shutdown.
+        """
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -404,7 +404,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "slurm",
         help="Print an sbatch script (srun one task per rank, pre-emption requeue) for a recipe.",
         description="Resolve RECIPE plus overrides, write <output_dir>/run.yaml and ds_config.json, and "
-        "print an sbatch script rendered from scripts/slurm/template.sbatch: one srun task per rank, "
+        "print an sbatch script rendered from scripts/slurm/template.sbatch.in: one srun task per rank, "
         "SIGUSR1 before the time limit, a save and a requeue on exit 75, --resume auto on restart.",
         epilog="Example: dstrain slurm pretrain --nodes 4 --gpus-per-node 8 --partition gpu --time 48:00:00 "
         "> pretrain.sbatch && sbatch pretrain.sbatch",

@@ -1,4 +1,4 @@
-"""``dstrain slurm``: an sbatch script rendered from ``scripts/slurm/template.sbatch``.
+"""``dstrain slurm``: an sbatch script rendered from ``scripts/slurm/template.sbatch.in``.
 
 The template is a plain bash script with ``{{name}}`` fields; a user can edit it, or the
 rendered script, by hand. :func:`render_sbatch` fills the fields from a :class:`SlurmJob`
@@ -17,7 +17,7 @@ from pathlib import Path
 from trainer.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from trainer.errors import ConfigError
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "template.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "template.sbatch.in"
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 # Values that go into #SBATCH lines as they are: no spaces, quotes or newlines.
 _DIRECTIVE_VALUE = re.compile(r"[^\s'\"\\]+")

@@ -1,7 +1,8 @@
 """Side effects of training: logs, metrics.jsonl, progress, TensorBoard, the loss-curve PNG.
 
 Only rank 0 prints progress and writes shared files. Every rank logs warnings, with its rank
-in the prefix, to stderr and to ``<output_dir>/train.log``.
+in the prefix, to stderr and to its own file: ``<output_dir>/train.log`` (rank 0) or
+``<output_dir>/logs/rank<N>.log``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> None:
     root.addHandler(console)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        # Append mode: every rank's (rare) warning lines land whole in the one shared file.
-        file_handler = logging.FileHandler(Path(output_dir) / "train.log", mode="a", encoding="utf-8")
+        # One file per rank: appends from several nodes to one file on NFS are not atomic and
+        # interleave mid-line. delay: a rank that never warns leaves no empty file.
+        path = Path(output_dir) / ("train.log" if dist.is_main else f"logs/rank{dist.rank}.log")
+        path.parent.mkdir(exist_ok=True)
+        file_handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     # Library chatter (DeepSpeed's per-rank INFO lines) only from rank 0 and only warnings.

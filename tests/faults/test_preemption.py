@@ -91,6 +91,9 @@ def stop_with(target: str, sig: signal.Signals, recipe: Path, out: Path, at_step
     saved = dict(re.findall(r"\[rank(\d)\].*pre-emption signal received: saving step (\d+)", output))
     assert set(saved) == {"0", "1"} and len(set(saved.values())) == 1, f"rank: step saved {saved}"
     step = int(saved["0"])
+    # Each rank's warnings in its own file: appends from many nodes to one file interleave on NFS.
+    assert f"saving step {step}" in (out / "logs" / "rank1.log").read_text()
+    assert "[rank1]" not in (out / "train.log").read_text()
     ckpt = out / "checkpoints" / f"step_{step}"
     assert (out / "checkpoints" / "latest").read_text() == f"step_{step}"
     assert (ckpt / "COMPLETE").is_file()

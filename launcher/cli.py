@@ -349,13 +349,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         dest="gpus",
         type=int,
         default=None,
+        metavar="G",
         help="Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
     )
-    run.add_argument("--nodes", type=int, default=None, help="Nodes (default 1; with --hostfile, its hosts).")
+    run.add_argument(
+        "--nodes", type=int, default=None, metavar="N", help="Nodes (default 1; with --hostfile, its hosts)."
+    )
     run.add_argument(
         "--hostfile",
         type=Path,
         default=None,
+        metavar="F",
         help="DeepSpeed hostfile ('HOST slots=N' lines): run DeepSpeed's launcher, which reaches "
         "the other nodes over pdsh/ssh.",
     )
@@ -364,10 +368,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         action="store_true",
         help="Run this command on every node yourself, each with its --node-rank: no ssh needed.",
     )
-    run.add_argument("--node-rank", type=int, default=None, help="With --no-ssh: this node's index, 0..N-1.")
+    run.add_argument(
+        "--node-rank", type=int, default=None, metavar="K", help="With --no-ssh: this node's index, 0..N-1."
+    )
     run.add_argument(
         "--master-addr",
         default=None,
+        metavar="A",
         help="Address of node 0, reachable from every node (--no-ssh, --hostfile).",
     )
     run.add_argument(
@@ -380,7 +387,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="Write run.yaml and ds_config.json and print the command; do not run.",
+        help="Write run.yaml and ds_config.json and print the command (every node's with --no-ssh); "
+        "do not run.",
     )
     run.add_argument(
         "--resume",
@@ -392,7 +400,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "auto: resume if one exists, else start fresh. PATH: that checkpoint dir.",
     )
     run.add_argument(
-        "--master-port", type=int, default=None, help="Rendezvous port on node 0 (one node: a free port)."
+        "--master-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="Rendezvous port on node 0 (one node: a free port).",
     )
     run.add_argument(
         "--help-config",
@@ -411,9 +423,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         allow_abbrev=False,
     )
     slurm.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file, or a built-in name.")
-    slurm.add_argument("--nodes", type=int, default=1, help="Nodes (#SBATCH --nodes).")
+    slurm.add_argument("--nodes", type=int, default=1, metavar="N", help="Nodes (#SBATCH --nodes).")
     slurm.add_argument(
-        "--gpus-per-node", "--gpus", dest="gpus", type=int, default=1, help="GPUs, and so ranks, per node."
+        "--gpus-per-node",
+        "--gpus",
+        dest="gpus",
+        type=int,
+        default=1,
+        metavar="G",
+        help="GPUs, and so ranks, per node.",
     )
     slurm.add_argument(
         "--device",

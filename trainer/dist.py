@@ -3,20 +3,20 @@
 Model and data code receive a :class:`DistInfo`; nothing else reads ``os.environ`` for rank,
 world size, node or rendezvous address. What each launcher sets, and what is read:
 
-============================  ==============================================================
-launcher                      variables
-============================  ==============================================================
-``dstrain run`` (spawner)     RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
-                              GROUP_WORLD_SIZE MASTER_ADDR MASTER_PORT (torchrun's names)
-``torchrun``                  the same, plus TORCHELASTIC_RUN_ID
-``deepspeed``                 RANK LOCAL_RANK WORLD_SIZE LOCAL_SIZE CROSS_RANK CROSS_SIZE
-                              MASTER_ADDR MASTER_PORT
-bare ``srun`` (a task/rank)   SLURM_PROCID SLURM_LOCALID SLURM_STEP_NUM_TASKS SLURM_NODEID
-                              SLURM_STEP_NUM_NODES SLURM_STEP_TASKS_PER_NODE; the master is
-                              the first host of SLURM_JOB_NODELIST and the port is derived
-                              from SLURM_JOB_ID, unless MASTER_ADDR / MASTER_PORT are set
-nothing                       one process (rank 0 of 1)
-============================  ==============================================================
+================================  ==========================================================
+launcher                          variables read
+================================  ==========================================================
+``dstrain run`` (its spawner)     RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
+                                  GROUP_WORLD_SIZE MASTER_ADDR MASTER_PORT (torchrun's names)
+``torchrun``                      the same, plus TORCHELASTIC_RUN_ID
+``deepspeed``                     RANK LOCAL_RANK WORLD_SIZE LOCAL_SIZE CROSS_RANK CROSS_SIZE
+                                  MASTER_ADDR MASTER_PORT
+bare ``srun``: a task of a step   SLURM_PROCID SLURM_LOCALID SLURM_STEP_NUM_TASKS SLURM_NODEID
+(SLURM_STEP_ID set; the batch     SLURM_STEP_NUM_NODES SLURM_STEP_TASKS_PER_NODE; the master
+script itself is not one)         is the first host of SLURM_JOB_NODELIST and the port is
+                                  derived from SLURM_JOB_ID, unless MASTER_ADDR/PORT are set
+nothing ("no launcher")           one process, rank 0 of 1
+================================  ==========================================================
 
 :func:`init_distributed` hands these facts to torch explicitly (``tcp://`` rendezvous, rank,
 world size), so neither ssh nor mpi4py is ever needed. torch is imported lazily: the launcher
@@ -162,7 +162,7 @@ class DistInfo:
     num_nodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0
-    launcher: str = "none"
+    launcher: str = "no launcher"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ class DistInfo:
         elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
             facts = cls._from_srun_env(env)
         else:
-            facts = {"launcher": "none"}
+            facts = {"launcher": "no launcher"}
         if cuda_devices is None:
             import torch
 

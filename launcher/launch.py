@@ -138,7 +138,7 @@ def node_local_config(run_yaml_text: str) -> Path:
     import tempfile
 
     digest = hashlib.sha256(run_yaml_text.encode("utf-8")).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"dstrain-{digest}" / "run.yaml"
+    return Path(tempfile.gettempdir()) / f"dstrain-{os.getuid()}-{digest}" / "run.yaml"
 
 
 def write_node_local_config(run_yaml_text: str) -> Path:

@@ -58,11 +58,15 @@ def test_two_no_ssh_node_launchers_train_the_same_run(reference, root, tiny_toke
     recipe = recipe_for(root, tiny_tokenizer_dir, "two_nodes")
     common = ["run", recipe, "--nodes", "2", "--gpus-per-node", "1", "--no-ssh"]
     common += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    nodes = [start([DSTRAIN, *common, "--node-rank", str(k)]) for k in (0, 1)]
+    # Each "node" its own node-local temp dir (node 1 keeps its run.yaml copy there).
+    tmp = [root / f"node{k}_tmp" for k in (0, 1)]
+    for path in tmp:
+        path.mkdir()
+    nodes = [start([DSTRAIN, *common, "--node-rank", str(k)], TMPDIR=str(tmp[k])) for k in (0, 1)]
     results = [runs.finish(node) for node in nodes]
     for k, (code, out) in enumerate(results):
         assert code == 0, f"node {k}: exit {code}\n{out[-4000:]}"
-    assert "node 1 reads its node-local copy" in results[1][1]
+    assert f"node 1 reads its node-local copy {tmp[1]}" in results[1][1]
     log = (root / "two_nodes" / "train.log").read_text()
     assert "distributed: rank 0 of 2 (node 0 of 2, local rank 0 of 1) from dstrain" in log
     runs.assert_same_run(runs.metrics(root / "two_nodes"), reference, STEPS)

@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import types
@@ -154,8 +155,9 @@ def test_dry_run_on_gpus_uses_bf16_and_every_visible_device(
 
 
 def test_no_ssh_dry_run_prints_every_node_and_only_node0_writes_the_output_dir(
-    recipe: Path, cpu_only: None, capsys: pytest.CaptureFixture[str]
+    recipe: Path, cpu_only: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(recipe.parent / "node-tmp"))  # the node-local dir
     common = ["run", str(recipe), "--nodes", "3", "--gpus-per-node", "2", "--no-ssh"]
     common += ["--master-addr", "10.1.2.3", "--master-port", "29400", "--dry-run"]
     run_dir = recipe.parent / "run"

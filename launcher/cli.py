@@ -2,7 +2,9 @@
 
 Subcommands::
 
-    dstrain run RECIPE [--gpus N] [--dry-run] [--resume [PATH|auto]] [--section.key value ...]
+    dstrain run RECIPE [--nodes N] [--gpus-per-node G] [--hostfile F | --no-ssh --node-rank K
+                       --master-addr A --master-port P] [--dry-run] [--resume [PATH|auto]] [...]
+    dstrain slurm RECIPE --nodes N --gpus-per-node G [--partition P --time T ...] > job.sbatch
     dstrain ds-config [RECIPE] [--zero 0-3] [--offload-optimizer] ... [--section.key value ...]
     dstrain data ... | export ... | ckpt ...      (handed to the trainer's tools)
 
@@ -15,20 +17,27 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from launcher.hosts import forwarded_env, read_hostfile, write_deepspeed_env
 from launcher.launch import (
+    Hardware,
     LaunchPlan,
     build_launch_command,
     detect_hardware,
+    exec_command,
     free_port,
-    run_and_wait,
-    visible_cuda_devices,
+    node_local_config,
+    spawn_command,
+    trainer_script,
+    write_node_local_config,
 )
+from launcher.slurm import TEMPLATE, SlurmJob, render_sbatch
 from trainer.config import (
     RECIPES_DIR,
     JobConfig,
@@ -38,6 +47,7 @@ from trainer.config import (
     parse_overrides,
     save_run_yaml,
 )
+from trainer.dist import global_batch_summary
 from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
 from trainer.errors import ConfigError, DstrainError
 
@@ -118,8 +128,69 @@ def format_config_help() -> str:
     return "\n".join(lines)
 
 
+def write_run_files(cfg: JobConfig, on_gpu: bool, bf16_ok: bool) -> Path:
+    """Write <output_dir>/run.yaml and ds_config.json; returns the run.yaml path (absolute)."""
+    precision = resolve_precision(cfg.model.dtype, on_gpu, bf16_ok)
+    run_yaml = save_run_yaml(cfg, cfg.output_dir).resolve()
+    ds_path = write_ds_config(build_ds_config(cfg, precision, on_gpu), run_yaml.parent / "ds_config.json")
+    print(
+        f"dstrain: wrote {run_yaml} and {ds_path.name} ({precision}, ZeRO-{cfg.zero.stage})", file=sys.stderr
+    )
+    return run_yaml
+
+
+def say_global_batch(cfg: JobConfig, world_size: int) -> None:
+    train = cfg.train
+    summary = global_batch_summary(train.micro_batch_size, train.grad_accum, world_size, cfg.data.max_seq_len)
+    print(f"dstrain: {summary}", file=sys.stderr)
+
+
+def run_topology(args: argparse.Namespace, hardware: Hardware) -> tuple[int, int, int]:
+    """(nodes, ranks per node, world size) from the run options, checked against each other."""
+    if args.hostfile is not None and args.no_ssh:
+        raise ConfigError("--hostfile (DeepSpeed's launcher over pdsh) and --no-ssh exclude each other")
+    if args.node_rank is not None and not args.no_ssh:
+        raise ConfigError("--node-rank goes with --no-ssh (the same command on every node)")
+    gpus = args.gpus if args.gpus is not None else max(1, hardware.gpu_count)
+    if gpus < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {gpus}")
+    if hardware.on_gpu and gpus > hardware.gpu_count:
+        raise ConfigError(f"--gpus-per-node {gpus} but only {hardware.gpu_count} CUDA GPUs are visible")
+    if args.hostfile is not None:
+        hosts = read_hostfile(args.hostfile)
+        nodes = args.nodes if args.nodes is not None else len(hosts)
+        if not 1 <= nodes <= len(hosts):
+            raise ConfigError(f"--nodes {nodes} but --hostfile {args.hostfile} lists {len(hosts)} host(s)")
+        return nodes, gpus, sum(min(h.slots, gpus) for h in hosts[:nodes])
+    nodes = args.nodes if args.nodes is not None else 1
+    if nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {nodes}")
+    if nodes > 1 and not args.no_ssh:
+        raise ConfigError(
+            f"--nodes {nodes} needs --hostfile F (DeepSpeed's launcher, ssh to every node) or --no-ssh "
+            "--node-rank K --master-addr A --master-port P (the same command on every node)"
+        )
+    if nodes > 1:
+        missing = [
+            flag for flag in ("node_rank", "master_addr", "master_port") if getattr(args, flag) is None
+        ]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise ConfigError(
+                f"--no-ssh on {nodes} nodes needs {flags}: every node must name the same master"
+            )
+    node_rank = args.node_rank or 0
+    if not 0 <= node_rank < nodes:
+        raise ConfigError(f"--node-rank {node_rank} must be in 0..{nodes - 1} (--nodes {nodes})")
+    return nodes, gpus, nodes * gpus
+
+
 def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
-    """``dstrain run``: resolve, write run.yaml + ds_config.json, print and run the command."""
+    """``dstrain run``: resolve, write the run files, print this node's command and become it.
+
+    Only node 0 writes into output_dir; another node (``--no-ssh --node-rank K``) keeps its
+    copy of run.yaml in a node-local temp dir. ``--dry-run`` prints every node's command.
+    """
     if args.help_config:
         print(format_config_help())
         return 0
@@ -127,30 +198,85 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("dstrain run needs a RECIPE: a YAML file or a built-in name such as pretrain")
     cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=overrides)
     hardware = detect_hardware()
-    gpus = args.gpus if args.gpus is not None else max(1, hardware.gpu_count)
-    if gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    if hardware.on_gpu and gpus > hardware.gpu_count:
-        raise ConfigError(f"--gpus {gpus} but only {hardware.gpu_count} CUDA GPUs are visible")
-    precision = resolve_precision(cfg.model.dtype, hardware.on_gpu, hardware.bf16_supported)
-    ds_config = build_ds_config(cfg, precision, hardware.on_gpu)
-    run_yaml = save_run_yaml(cfg, cfg.output_dir).resolve()
-    ds_path = write_ds_config(ds_config, run_yaml.parent / "ds_config.json")
-    print(
-        f"dstrain: wrote {run_yaml} and {ds_path.name} ({precision}, ZeRO-{cfg.zero.stage})", file=sys.stderr
-    )
+    nodes, gpus, world_size = run_topology(args, hardware)
+    node_rank = args.node_rank or 0
+    env = forwarded_env(os.environ, args.env)
+    if node_rank == 0:
+        run_yaml = write_run_files(cfg, hardware.on_gpu, hardware.bf16_supported)
+    else:
+        run_yaml = write_node_local_config(cfg.to_yaml())
+        print(f"dstrain: node {node_rank} reads its node-local copy {run_yaml}", file=sys.stderr)
+    say_global_batch(cfg, world_size)
     plan = LaunchPlan(
         run_yaml=run_yaml,
         gpus_per_node=gpus,
+        nodes=nodes,
+        node_rank=node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port if args.master_port is not None or args.hostfile else free_port(),
         resume=args.resume,
-        master_port=args.master_port if args.master_port is not None else free_port(),
-        visible_devices=visible_cuda_devices() if hardware.on_gpu else None,
+        launcher="pdsh" if args.hostfile is not None else "local",
+        hostfile=args.hostfile,
     )
+    launch_env = dict(os.environ)
+    if plan.launcher == "pdsh":
+        # DeepSpeed's runner exports these on every node; DS_ENV_FILE names the file (an
+        # absolute name is used as it is), so nothing is written into ~ or the working dir.
+        env_file = write_deepspeed_env(env, run_yaml.parent / ".deepspeed_env")
+        launch_env["DS_ENV_FILE"] = str(env_file)
+        print(
+            f"dstrain: every node gets {', '.join(env) or 'no extra variables'} ({env_file})", file=sys.stderr
+        )
+    elif nodes > 1 and env:
+        print(
+            f"dstrain: --no-ssh: each node's ranks inherit that node's environment; set "
+            f"{', '.join(env)} the same way on every node",
+            file=sys.stderr,
+        )
     cmd = build_launch_command(plan)
-    print(shlex.join(cmd), flush=True)
+    if args.dry_run and plan.launcher == "local" and nodes > 1:
+        shared = Path(cfg.output_dir).resolve() / "run.yaml"
+        for k in range(nodes):
+            node_yaml = shared if k == 0 else node_local_config(cfg.to_yaml())
+            print(f"# node {k} of {nodes}")
+            print(shlex.join(spawn_command(plan, node_rank=k, run_yaml=node_yaml)))
+        return 0
+    prefix = f"DS_ENV_FILE={shlex.quote(launch_env['DS_ENV_FILE'])} " if plan.launcher == "pdsh" else ""
+    print(prefix + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return run_and_wait(cmd)
+    exec_command(cmd, launch_env)
+
+
+def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``dstrain slurm``: resolve, write the run files, print the sbatch script."""
+    cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=overrides)
+    on_gpu = args.device == "gpu"
+    run_yaml = write_run_files(cfg, on_gpu=on_gpu, bf16_ok=on_gpu)
+    say_global_batch(cfg, args.nodes * args.gpus)
+    workdir = (args.workdir or Path.cwd()).resolve()
+    job = SlurmJob(
+        title=f"dstrain {cfg.stage}: rendered by `dstrain slurm` from {args.template.name}; edit either by hand.",
+        run_yaml=run_yaml,
+        workdir=workdir,
+        python=args.python,
+        trainer_script=trainer_script(),
+        nodes=args.nodes,
+        tasks_per_node=args.gpus,
+        gpus_per_node=args.gpus if on_gpu else 0,
+        job_name=args.job_name or run_yaml.parent.name,
+        output=args.log or str(run_yaml.parent / "slurm-%j.out"),
+        signal_lead_s=args.signal_lead_s,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        cpus_per_task=args.cpus_per_task,
+        extra_sbatch=tuple(args.sbatch),
+        env=forwarded_env(os.environ, args.env),
+    )
+    sys.stdout.write(render_sbatch(job, args.template))
+    return 0
 
 
 def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -209,8 +335,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "run",
         help="Resolve a recipe, write run.yaml and ds_config.json, and launch training.",
         description="Resolve RECIPE plus overrides, write <output_dir>/run.yaml and ds_config.json, "
-        "print the deepspeed command and run it (exit status is the run's).",
-        epilog="Example: dstrain run pretrain --gpus 8 --train.max_steps 1000 --optim.lr 3e-4",
+        "print this node's launch command and run it. The exit status is the run's: 0 done, 2 a "
+        "config/data/checkpoint error, 75 saved after SIGTERM/SIGUSR1/SIGINT (requeue me).",
+        epilog="Examples: dstrain run pretrain --gpus-per-node 8 --train.max_steps 1000 --optim.lr 3e-4; "
+        "on each of 2 nodes: dstrain run pretrain --nodes 2 --gpus-per-node 8 --no-ssh --node-rank K "
+        "--master-addr 10.0.0.1 --master-port 29500",
         allow_abbrev=False,
     )
     run.add_argument(
@@ -220,12 +349,51 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="Recipe YAML file, or a built-in name (pretrain, cpt, sft, ...).",
     )
     run.add_argument(
-        "--gpus", type=int, default=None, help="Ranks on this node (default: visible CUDA GPUs, or 1 on CPU)."
+        "--gpus-per-node",
+        "--gpus",
+        dest="gpus",
+        type=int,
+        default=None,
+        metavar="G",
+        help="Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
+    )
+    run.add_argument(
+        "--nodes", type=int, default=None, metavar="N", help="Nodes (default 1; with --hostfile, its hosts)."
+    )
+    run.add_argument(
+        "--hostfile",
+        type=Path,
+        default=None,
+        metavar="F",
+        help="DeepSpeed hostfile ('HOST slots=N' lines): run DeepSpeed's launcher, which reaches "
+        "the other nodes over pdsh/ssh.",
+    )
+    run.add_argument(
+        "--no-ssh",
+        action="store_true",
+        help="Run this command on every node yourself, each with its --node-rank: no ssh needed.",
+    )
+    run.add_argument(
+        "--node-rank", type=int, default=None, metavar="K", help="With --no-ssh: this node's index, 0..N-1."
+    )
+    run.add_argument(
+        "--master-addr",
+        default=None,
+        metavar="A",
+        help="Address of node 0, reachable from every node (--no-ssh, --hostfile).",
+    )
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="Also forward this variable to every node (NCCL_*, GLOO_*, CUDA_*, HF_HOME, PYTHONPATH always are).",
     )
     run.add_argument(
         "--dry-run",
         action="store_true",
-        help="Write run.yaml and ds_config.json and print the command; do not run.",
+        help="Write run.yaml and ds_config.json and print the command (every node's with --no-ssh); "
+        "do not run.",
     )
     run.add_argument(
         "--resume",
@@ -236,12 +404,84 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="Bare: the newest complete checkpoint in output_dir (an error if there is none). "
         "auto: resume if one exists, else start fresh. PATH: that checkpoint dir.",
     )
-    run.add_argument("--master-port", type=int, default=None, help="Rendezvous port (default: a free port).")
+    run.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="Rendezvous port on node 0 (one node: a free port).",
+    )
     run.add_argument(
         "--help-config",
         action="store_true",
         help="List every --section.key with its default and help, then exit.",
     )
+
+    slurm = sub.add_parser(
+        "slurm",
+        help="Print an sbatch script (srun one task per rank, pre-emption requeue) for a recipe.",
+        description="Resolve RECIPE plus overrides, write <output_dir>/run.yaml and ds_config.json, and "
+        "print an sbatch script rendered from scripts/slurm/template.sbatch.in: one srun task per rank, "
+        "SIGUSR1 before the time limit, a save and a requeue on exit 75, --resume auto on restart.",
+        epilog="Example: dstrain slurm pretrain --nodes 4 --gpus-per-node 8 --partition gpu --time 48:00:00 "
+        "> pretrain.sbatch && sbatch pretrain.sbatch",
+        allow_abbrev=False,
+    )
+    slurm.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file, or a built-in name.")
+    slurm.add_argument("--nodes", type=int, default=1, metavar="N", help="Nodes (#SBATCH --nodes).")
+    slurm.add_argument(
+        "--gpus-per-node",
+        "--gpus",
+        dest="gpus",
+        type=int,
+        default=1,
+        metavar="G",
+        help="GPUs, and so ranks, per node.",
+    )
+    slurm.add_argument(
+        "--device",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="cpu: gloo ranks, no --gpus-per-node request (--gpus-per-node is then the ranks per node).",
+    )
+    slurm.add_argument("--partition", default=None, help="#SBATCH --partition.")
+    slurm.add_argument("--time", default=None, help="#SBATCH --time, e.g. 48:00:00.")
+    slurm.add_argument("--account", default=None, help="#SBATCH --account.")
+    slurm.add_argument("--qos", default=None, help="#SBATCH --qos.")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (dataloader workers).")
+    slurm.add_argument(
+        "--job-name", default=None, help="#SBATCH --job-name (default: the output dir's name)."
+    )
+    slurm.add_argument(
+        "--signal-lead-s",
+        type=int,
+        default=300,
+        help="Seconds before the time limit at which SLURM sends SIGUSR1: one step plus one save must fit.",
+    )
+    slurm.add_argument(
+        "--log", default=None, help="The job's output file (default: <output_dir>/slurm-%%j.out, appended)."
+    )
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="Another #SBATCH option, e.g. --sbatch=--mem=200G --sbatch=--exclusive.",
+    )
+    slurm.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="Also export this variable to every rank (NCCL_*, GLOO_*, CUDA_*, HF_HOME, PYTHONPATH always are).",
+    )
+    slurm.add_argument(
+        "--python", default=sys.executable, help="The Python of the compute nodes (default: this one)."
+    )
+    slurm.add_argument(
+        "--workdir", type=Path, default=None, help="Directory the job runs in (default: the current one)."
+    )
+    slurm.add_argument("--template", type=Path, default=TEMPLATE, help="The sbatch template to render.")
 
     ds = sub.add_parser(
         "ds-config",
@@ -275,11 +515,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     for name, (_, _, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
-    return parser, {"run": run, "ds-config": ds}
+    return parser, {"run": run, "slurm": slurm, "ds-config": ds}
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
     "run": cmd_run,
+    "slurm": cmd_slurm,
     "ds-config": cmd_ds_config,
 }
 

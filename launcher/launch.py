@@ -1,49 +1,55 @@
-"""Launch commands: a :class:`LaunchPlan` in, an argv list out, then run it and wait.
+"""Launch commands: a :class:`LaunchPlan` in, an argv list out, then the launcher becomes it.
 
 :func:`build_launch_command` is pure, so the exact command is unit-tested and printed before
-it runs. Single node today: ``deepspeed --num_gpus N --master_port P trainer/main.py --config
-run.yaml``. Multi-node (``deepspeed --no_ssh --node_rank``, one launcher per node) and SLURM
-(``srun`` one task per rank, no launcher) add a ``LaunchPlan.launcher`` value and a builder
-next to :func:`local_command`; :func:`trainer_args` is the part every launcher shares.
+it runs. Two launchers:
+
+- ``local`` (the default, one node or many): dstrain's own per-node spawner,
+  ``python -m launcher.spawn --nproc-per-node G --nnodes N --node-rank K --master-addr A
+  --master-port P -- python -u trainer/main.py --config run.yaml``, one command per node and
+  no ssh. It passes SIGTERM/SIGUSR1/SIGINT to the ranks and exits with their status, so a
+  pre-empted run exits 75 (see :mod:`launcher.spawn`).
+- ``pdsh``: DeepSpeed's runner with a hostfile (``deepspeed --hostfile F``), which reaches the
+  other nodes over pdsh/ssh; its signal handling is DeepSpeed's (README: "Pre-emption").
+
+SLURM's sbatch script (``srun`` one task per rank, no launcher) is rendered by
+:mod:`launcher.slurm`; :func:`trainer_args` is what every launcher shares.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Literal
+from typing import Literal, NoReturn
 
 import trainer
-
-# Signals a user or a scheduler sends to stop a run; each is passed on to the whole child group.
-FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
     """Everything a launch command depends on, resolved by the CLI from config and machine.
 
-    ``visible_devices`` is the ``CUDA_VISIBLE_DEVICES`` list when it was set: DeepSpeed's
-    launcher ignores that variable once ``--num_gpus`` is given and would take GPUs 0..N-1,
-    so the plan names the devices with ``--include`` instead.
+    ``run_yaml`` is the config the ranks of *this* node read. ``master_addr`` / ``master_port``
+    None leave the choice to DeepSpeed's runner (pdsh: the first host, port 29500).
     """
 
     run_yaml: Path
     gpus_per_node: int = 1
-    resume: str | None = None
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
     master_port: int | None = None
-    visible_devices: tuple[str, ...] | None = None
-    launcher: Literal["local"] = "local"
+    resume: str | None = None
+    launcher: Literal["local", "pdsh"] = "local"
+    hostfile: Path | None = None
 
     def __post_init__(self) -> None:
-        assert self.gpus_per_node >= 1, self.gpus_per_node
+        assert self.gpus_per_node >= 1 and 0 <= self.node_rank < self.nodes, self
+        assert (self.launcher == "pdsh") == (self.hostfile is not None), self
 
 
 def trainer_script() -> Path:
@@ -63,22 +69,51 @@ def deepspeed_command() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def trainer_args(plan: LaunchPlan, script: Path | None = None) -> list[str]:
+def trainer_args(plan: LaunchPlan, script: Path | None = None, run_yaml: Path | None = None) -> list[str]:
     """The trainer entry point and its arguments, shared by every launcher."""
-    args = [str(script or trainer_script()), "--config", str(plan.run_yaml)]
+    args = [str(script or trainer_script()), "--config", str(run_yaml or plan.run_yaml)]
     if plan.resume is not None:
         args += ["--resume", plan.resume]
     return args
 
 
-def local_command(plan: LaunchPlan, launcher_cmd: list[str], script: Path | None = None) -> list[str]:
-    """``deepspeed`` on this machine, one rank per GPU (or gloo ranks on CPU)."""
-    cmd = list(launcher_cmd)
-    devices = plan.visible_devices
-    if devices and all(d.isdigit() for d in devices) and plan.gpus_per_node <= len(devices):
-        cmd += ["--include", "localhost:" + ",".join(devices[: plan.gpus_per_node])]
-    else:
-        cmd += ["--num_gpus", str(plan.gpus_per_node)]
+def spawn_command(
+    plan: LaunchPlan,
+    node_rank: int | None = None,
+    run_yaml: Path | None = None,
+    python: str | None = None,
+    script: Path | None = None,
+) -> list[str]:
+    """dstrain's spawner on node ``node_rank`` (default: the plan's), one rank per GPU."""
+    assert plan.launcher == "local" and plan.master_port is not None, plan
+    python = python or sys.executable
+    return [
+        python,
+        "-m",
+        "launcher.spawn",
+        "--nproc-per-node",
+        str(plan.gpus_per_node),
+        "--nnodes",
+        str(plan.nodes),
+        "--node-rank",
+        str(plan.node_rank if node_rank is None else node_rank),
+        "--master-addr",
+        plan.master_addr or "127.0.0.1",
+        "--master-port",
+        str(plan.master_port),
+        "--",
+        python,
+        "-u",
+        *trainer_args(plan, script, run_yaml),
+    ]
+
+
+def pdsh_command(plan: LaunchPlan, launcher_cmd: list[str], script: Path | None = None) -> list[str]:
+    """DeepSpeed's runner over pdsh: run once, on the first node of the hostfile."""
+    cmd = [*launcher_cmd, "--hostfile", str(plan.hostfile), "--launcher", "pdsh"]
+    cmd += ["--num_nodes", str(plan.nodes), "--num_gpus", str(plan.gpus_per_node)]
+    if plan.master_addr is not None:
+        cmd += ["--master_addr", plan.master_addr]
     if plan.master_port is not None:
         cmd += ["--master_port", str(plan.master_port)]
     return cmd + trainer_args(plan, script)
@@ -87,10 +122,41 @@ def local_command(plan: LaunchPlan, launcher_cmd: list[str], script: Path | None
 def build_launch_command(
     plan: LaunchPlan, launcher_cmd: list[str] | None = None, script: Path | None = None
 ) -> list[str]:
-    """The argv that starts the run described by ``plan`` (pure apart from locating defaults)."""
+    """The argv that starts this node's part of the run (pure apart from locating defaults)."""
     if plan.launcher == "local":
-        return local_command(plan, launcher_cmd or deepspeed_command(), script)
+        return spawn_command(plan, script=script)
+    if plan.launcher == "pdsh":
+        return pdsh_command(plan, launcher_cmd or deepspeed_command(), script)
     raise AssertionError(f"unknown launcher {plan.launcher!r}")
+
+
+def node_local_config(run_yaml_text: str) -> Path:
+    """Where a node other than node 0 keeps its copy of run.yaml: a node-local temp dir named
+    by the content, so every node computes the same path and no node but node 0 writes into
+    the shared output dir (two nodes replacing one file on NFS can leave a reader a torn one)."""
+    import hashlib  # here, not at the top: `dstrain --help` imports this module
+    import tempfile
+
+    digest = hashlib.sha256(run_yaml_text.encode("utf-8")).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"dstrain-{os.getuid()}-{digest}" / "run.yaml"
+
+
+def write_node_local_config(run_yaml_text: str) -> Path:
+    """Write :func:`node_local_config` (atomically) and return its path."""
+    path = node_local_config(run_yaml_text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"run.yaml.{os.getpid()}.tmp")
+    tmp.write_text(run_yaml_text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def exec_command(cmd: list[str], env: Mapping[str, str] | None = None) -> NoReturn:
+    """Become ``cmd`` (same pid): a signal sent to ``dstrain run`` then reaches the launcher
+    itself, and nothing of this process (torch, a CUDA context) outlives the launch."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, dict(os.environ if env is None else env))
 
 
 def free_port() -> int:
@@ -98,12 +164,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def visible_cuda_devices() -> tuple[str, ...] | None:
-    """``CUDA_VISIBLE_DEVICES`` as a tuple of ids, or None when unset or empty."""
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    return tuple(d.strip() for d in raw.split(",") if d.strip()) or None
 
 
 @dataclass(frozen=True)
@@ -125,27 +185,3 @@ def detect_hardware() -> Hardware:
     if not torch.cuda.is_available():
         return Hardware(gpu_count=0, bf16_supported=False)
     return Hardware(gpu_count=torch.cuda.device_count(), bf16_supported=torch.cuda.is_bf16_supported())
-
-
-def run_and_wait(cmd: list[str]) -> int:
-    """Run ``cmd``, pass SIGINT/SIGTERM on to it, and return its exit status.
-
-    The child gets its own process group and signals go to the whole group: DeepSpeed's
-    single-node runner does not handle SIGTERM itself, so a signal to its pid alone would kill
-    the runner and orphan the ranks. A child killed by signal N gives 128 + N, as in a shell.
-    """
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass  # the group has already exited
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        returncode = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return returncode if returncode >= 0 else 128 - returncode

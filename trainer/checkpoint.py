@@ -404,7 +404,7 @@ class Checkpointer:
             if path.exists():  # left by an interrupted save of the same step: never reuse it
                 shutil.rmtree(path)
             self._warn_if_short_of_space()
-        barrier(self.dist)
+        barrier(self.dist, f"the save of step {step}")
         try:
             self._write(step, tag, path)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
@@ -417,7 +417,7 @@ class Checkpointer:
                 f"under {self.root}); the previous checkpoint {previous.name if previous else '(none)'} is "
                 "intact and nothing was pruned; free space (or lower train.keep_last), then --resume"
             ) from None
-        barrier(self.dist)  # every rank has finished writing before the save counts
+        barrier(self.dist, f"the save of step {step}")  # every rank has written before the save counts
         records = file_records(path, self.dist)
         if self.dist.is_main:
             _atomic_write(path / MANIFEST, json.dumps(records))

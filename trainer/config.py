@@ -138,6 +138,9 @@ class TrainConfig(ConfigBase):
     max_bad_steps: int = opt(
         5, "Stop after this many non-finite (NaN/Inf) steps in a row; each is skipped (0 = never stop)."
     )
+    collective_timeout_s: float = opt(
+        1800.0, "Seconds a rank waits in a collective before the run stops, naming the rank and the phase."
+    )
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
@@ -146,6 +149,8 @@ class TrainConfig(ConfigBase):
         for key in ("eval_every", "save_every", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"--train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"--train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--train.max_steps must be >= 1 or null, got {self.max_steps}")
 

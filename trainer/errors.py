@@ -23,3 +23,7 @@ class CheckpointError(DstrainError):
 
 class TrainingError(DstrainError):
     """Training cannot go on as configured: out of memory, or the loss diverged (non-finite steps)."""
+
+
+class DistError(DstrainError):
+    """A collective failed or timed out: another rank died or hangs, or the ranks do not match."""

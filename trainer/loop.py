@@ -25,7 +25,7 @@ import torch
 
 from trainer.config import JobConfig
 from trainer.data.packing import Batch, filler_batch
-from trainer.dist import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
+from trainer.dist import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, collective
 from trainer.errors import DataError, TrainingError
 from trainer.metrics import Callback, MetricRecorder, perplexity
 from trainer.train_module import StepResult, TrainModule, target_count, token_count
@@ -173,7 +173,9 @@ class Trainer:
             float(preempt),
             float(failed is not None),
         ]
-        targets, tokens, ran_out, preempted, errors = all_reduce_sum(local, self.dist)
+        targets, tokens, ran_out, preempted, errors = all_reduce_sum(
+            local, self.dist, f"the start of step {self.state.step + 1}"
+        )
         if failed is not None:
             raise failed
         if errors:
@@ -194,7 +196,10 @@ class Trainer:
         self._emit("pre_step")
         started = time.perf_counter()
         try:
-            result = self.module.train_step(plan.micro_batches + fillers, plan.targets, self.state.step + 1)
+            with collective(f"step {self.state.step + 1}", self.dist):  # DeepSpeed's own reductions
+                result = self.module.train_step(
+                    plan.micro_batches + fillers, plan.targets, self.state.step + 1
+                )
         except torch.OutOfMemoryError:
             raise TrainingError(
                 out_of_memory_message(self.job, self.dist, self.state.step + 1, plan)
@@ -305,12 +310,17 @@ class Trainer:
         while True:
             # Ranks hold different numbers of eval batches; each forward is collective under ZeRO-3.
             batch = next(stream, None)
-            (any_left,) = all_reduce_max([float(batch is not None)], self.dist)
+            (any_left,) = all_reduce_max(
+                [float(batch is not None)], self.dist, f"the eval at step {self.state.step}"
+            )
             if not any_left:
                 break
-            s, n = self.module.eval_sums(batch if batch is not None else self._filler)
+            with collective(f"the eval at step {self.state.step}", self.dist):  # ZeRO-3 gathers
+                s, n = self.module.eval_sums(batch if batch is not None else self._filler)
             loss_sum, targets = loss_sum + s, targets + n
-        total_loss, total_targets = all_reduce_sum([loss_sum, targets], self.dist)
+        total_loss, total_targets = all_reduce_sum(
+            [loss_sum, targets], self.dist, f"the eval at step {self.state.step}"
+        )
         self.state.last_eval_step = self.state.step
         self._emit("post_eval")
         if total_targets == 0:

@@ -1,4 +1,5 @@
-"""dstrain's training entry point; runs under ``deepspeed`` (or plain ``python`` for 1 rank).
+"""dstrain's training entry point: under ``dstrain run``'s spawner, ``deepspeed``, ``torchrun``,
+a bare ``srun`` task per rank, or plain ``python`` for one rank.
 
     deepspeed --num_gpus 3 trainer/main.py --stage pretrain [--config recipe.yaml] [--section.key value ...]
 
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from trainer.config import STAGES, JobConfig, build_config, save_run_yaml
-from trainer.dist import DistInfo, init_distributed
+from trainer.dist import DistInfo, global_batch_summary, init_distributed
 from trainer.errors import DstrainError
+from trainer.signals import Preemption
 
 log = logging.getLogger("dstrain")
 
@@ -48,7 +50,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = None) -> int:
+def run(
+    job: JobConfig, dist: DistInfo, resume: str | None, preemption: Preemption, console: object = None
+) -> int:
     """Build the parts and train; returns the exit code. Imports are local so `--help` and
     config errors stay fast."""
     from trainer import checkpoint as ckpt
@@ -58,7 +62,7 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
-    from trainer.signals import PREEMPTED_EXIT_CODE, Preemption
+    from trainer.signals import PREEMPTED_EXIT_CODE
     from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
 
@@ -83,6 +87,11 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
         save_run_yaml(job, out)
         write_ds_config(ds_config, out / "ds_config.json")
         log.info("training %d optimizer steps on %d rank(s); output in %s", total_steps, dist.world_size, out)
+        log.info(
+            global_batch_summary(
+                job.train.micro_batch_size, job.train.grad_accum, dist.world_size, job.data.max_seq_len
+            )
+        )
     trainer = Trainer(
         job,
         dist,
@@ -91,7 +100,7 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
         eval_batches,
         total_steps,
         callbacks_for(job, dist, total_steps, console),
-        preemption=Preemption(),
+        preemption=preemption,
     )
     trainer.checkpointer = ckpt.Checkpointer(
         job.output_dir,
@@ -113,11 +122,7 @@ def run(job: JobConfig, dist: DistInfo, resume: str | None, console: object = No
     if trainer.finished:  # a resume of a finished run leaves its checkpoints alone
         log.info("the run already finished at step %d: nothing to train", trainer.state.step)
     else:
-        trainer.preemption.install()
-        try:
-            trainer.fit()
-        finally:
-            trainer.preemption.uninstall()
+        trainer.fit()
         if trainer.stop_requested:
             log.warning(
                 "stopped by a signal after saving step %d; exit %d", trainer.state.step, PREEMPTED_EXIT_CODE
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args, overrides = parse_args(argv)
     dist = DistInfo.from_env()
+    # From the first moment: a stop signal during start-up (DeepSpeed init, data, model: minutes
+    # on a big model) is remembered and honoured after the first step, instead of killing the rank.
+    preemption = Preemption()
+    preemption.install()
     try:
         job = build_config(stage=args.stage, config_path=args.config, overrides=overrides)
         from trainer.metrics import setup_logging
@@ -166,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.doctor import summary_line
 
             log.info(summary_line(job, dist))
-        init_distributed(dist)
-        return run(job, dist, args.resume, console)
+        init_distributed(dist, job.train.collective_timeout_s)
+        return run(job, dist, args.resume, preemption, console)
     except DstrainError as exc:
         print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
         return 2
     finally:
+        preemption.uninstall()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -5,7 +5,8 @@ Callbacks run on every rank. A callback measures on its own rank and records a m
 reduction over ranks (``trainer.metrics.record(name, value, "mean" | "sum" | "max" | "min")``);
 on a log step the Trainer reduces everything recorded in two small all-reduces and hands the
 record to ``on_log``. Only rank 0 prints progress and writes shared files. Every rank logs
-warnings, with its rank in the prefix, to stderr and to ``<output_dir>/train.log``.
+warnings, with its rank in the prefix, to stderr and to its own file: ``<output_dir>/train.log``
+(rank 0) or ``<output_dir>/logs/rank<N>.log`` (never two writers on one file, which NFS can interleave).
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> ConsoleHandl
     root.addHandler(console)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        # Append mode: every rank's (rare) warning lines land whole in the one shared file.
-        file_handler = logging.FileHandler(Path(output_dir) / "train.log", mode="a", encoding="utf-8")
+        # One file per rank: appends from several nodes to one file on NFS are not atomic and
+        # interleave mid-line. delay: a rank that never warns leaves no empty file.
+        path = Path(output_dir) / ("train.log" if dist.is_main else f"logs/rank{dist.rank}.log")
+        path.parent.mkdir(exist_ok=True)
+        file_handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     # Library chatter (DeepSpeed's per-rank INFO lines) only from rank 0 and only warnings.

@@ -11,6 +11,9 @@ otherwise take the rank down before it could save.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit hook now, so that ours (below) runs before it
 import signal
 from typing import Any
 
@@ -22,6 +25,23 @@ def ignore_stop_signals(*_: Any) -> None:
     """Ignore the stop signals in this process (a dataloader worker's ``worker_init_fn``)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def kill_daemonic_children() -> None:
+    """At exit, SIGKILL the daemonic children (dataloader workers) that are still running.
+
+    multiprocessing ends them at exit with SIGTERM and then waits for them; a worker ignores
+    SIGTERM (:func:`ignore_stop_signals`), so that wait would never end and the process would
+    hang instead of exiting (seen with a dataloader iterator still alive at exit). atexit runs
+    hooks last-in first-out, and this one is registered after multiprocessing's.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
+
+
+atexit.register(kill_daemonic_children)
 
 
 class Preemption:
@@ -39,8 +59,15 @@ class Preemption:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous handlers; after a stop request, ignore the stop signals instead.
+
+        A rank that saved is on its way out with exit 75, and late copies of the signal still
+        arrive (a launcher forwards what the process group already got, a scheduler repeats
+        it). A Python handler is reset to the default action when the interpreter shuts down,
+        and the default would turn exit 75 into death by signal; SIG_IGN survives shutdown.
+        """
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:

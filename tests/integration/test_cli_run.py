@@ -54,7 +54,8 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
 
 def test_prints_the_command_and_writes_the_resolved_config(run_dir):
     out, proc = run_dir
-    assert "deepspeed" in proc.stdout and "trainer/main.py" in proc.stdout and "--num_gpus 2" in proc.stdout
+    assert "launcher.spawn" in proc.stdout and "trainer/main.py" in proc.stdout
+    assert "--nproc-per-node 2" in proc.stdout
     run_yaml = yaml.safe_load((out / "run.yaml").read_text())
     assert run_yaml["zero"]["stage"] == 3, "the CLI override reached the resolved config"
     ds = json.loads((out / "ds_config.json").read_text())

@@ -44,6 +44,28 @@ def venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def spawn_cmd(nprocs: int, script: str | Path, args: list[str], port: int | None = None) -> list[str]:
+    """dstrain's own per-node spawner (what `dstrain run` becomes): it starts in ~50 ms, where
+    DeepSpeed's runner and per-node launcher each import deepspeed first (~10 s on this machine),
+    so tests that are not about the `deepspeed` command use it."""
+    return [
+        sys.executable,
+        "-m",
+        "launcher.spawn",
+        "--nproc-per-node",
+        str(nprocs),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port or free_port()),
+        "--",
+        sys.executable,
+        "-u",
+        str(script),
+        *args,
+    ]
+
+
 def deepspeed_cmd(nprocs: int, script: str | Path, args: list[str], port: int | None = None) -> list[str]:
     return [
         venv_bin("deepspeed"),
@@ -104,20 +126,20 @@ def run_group(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_deepspeed(
+def run_ranks(
     nprocs: int, script: str | Path, args: list[str], timeout: float = 600, check: bool = True, **env: str
 ) -> subprocess.CompletedProcess:
-    """Run ``deepspeed --num_gpus N script args`` and return the finished process."""
-    proc = run_group(deepspeed_cmd(nprocs, script, args), timeout=timeout, **env)
+    """Run ``script args`` on ``nprocs`` ranks (the spawner) and return the finished process."""
+    proc = run_group(spawn_cmd(nprocs, script, args), timeout=timeout, **env)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"deepspeed exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+            f"ranks exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
 
 
 def worker_args(argv: list[str]) -> list[str]:
-    """A worker's own arguments: what the deepspeed launcher passed, minus --local_rank."""
+    """A worker's own arguments: what the launcher passed, minus DeepSpeed's --local_rank."""
     return [a for a in argv[1:] if not a.startswith("--local_rank")]
 
 

@@ -27,6 +27,7 @@ from trainer.config import JobConfig
 from trainer.data.packing import Batch, filler_batch
 from trainer.dist import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, collective
 from trainer.errors import DataError, TrainingError
+from trainer.faults import fault
 from trainer.metrics import Callback, MetricRecorder, perplexity
 from trainer.train_module import StepResult, TrainModule, target_count, token_count
 
@@ -318,6 +319,7 @@ class Trainer:
             with collective(f"the eval at step {self.state.step}", self.dist):  # ZeRO-3 gathers
                 s, n = self.module.eval_sums(batch if batch is not None else self._filler)
             loss_sum, targets = loss_sum + s, targets + n
+            fault("in_eval", self.state.step, self.dist.rank)  # tests: a kill half-way through
         total_loss, total_targets = all_reduce_sum(
             [loss_sum, targets], self.dist, f"the eval at step {self.state.step}"
         )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tests.distributed.workers.common import global_rows, padded_batch, tiny_job
 from tests.helpers import REPO, tiny_model
-from tests.launch import read_results, run_deepspeed
+from tests.launch import read_results, run_ranks
 from trainer.optim import build_optimizer, make_scheduler
 
 pytestmark = pytest.mark.distributed
@@ -20,7 +20,7 @@ STEPS = 10
 @pytest.fixture(scope="module")
 def engine_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
-    run_deepspeed(WORLD, REPO / "tests/distributed/workers/engine_checks.py", [str(out)])
+    run_ranks(WORLD, REPO / "tests/distributed/workers/engine_checks.py", [str(out)])
     return out, read_results(out, WORLD)
 
 

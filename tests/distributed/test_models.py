@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tests.distributed.workers.common import global_rows, padded_batch
 from tests.helpers import REPO, tiny_model
-from tests.launch import read_results, run_deepspeed
+from tests.launch import read_results, run_ranks
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -25,7 +25,7 @@ def checks(tmp_path_factory, tiny_tokenizer_dir):
     work = tmp_path_factory.mktemp("models")
     tiny_model(seed=3, vocab_size=512).save_pretrained(work / "base")
     AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(work / "base")
-    run_deepspeed(WORLD, REPO / "tests/distributed/workers/model_checks.py", [str(work)])
+    run_ranks(WORLD, REPO / "tests/distributed/workers/model_checks.py", [str(work)])
     return work, read_results(work, WORLD)
 
 

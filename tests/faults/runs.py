@@ -8,10 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tests.helpers import REPO, TINY_OVERRIDES, make_docs, write_parquet
-from tests.launch import communicate_or_kill, deepspeed_cmd, kill_group
+from tests.launch import communicate_or_kill, deepspeed_cmd, kill_group, spawn_cmd
 from tests.launch import start as start_group
 
 MAIN = REPO / "trainer" / "main.py"
@@ -69,9 +70,14 @@ def make_recipe(root: Path, tokenizer_dir: Path, name: str, **sections: dict) ->
     return path
 
 
-def start(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``deepspeed --num_gpus 2 trainer/main.py --config RECIPE ARGS`` in its own process group."""
-    return start_group(deepspeed_cmd(2, MAIN, ["--config", str(recipe), *args]), **(env or {}))
+def start(
+    recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: str = "spawn"
+) -> subprocess.Popen:
+    """``trainer/main.py --config RECIPE ARGS`` on 2 ranks in its own process group, started by
+    dstrain's spawner, or by ``deepspeed --num_gpus 2`` (``launcher="deepspeed"``, the README's
+    command, kept for the tests that must go through it)."""
+    build = deepspeed_cmd if launcher == "deepspeed" else spawn_cmd
+    return start_group(build(2, MAIN, ["--config", str(recipe), *args]), **(env or {}))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -79,8 +85,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    return finish(start(recipe, *args, env=env))
+def run(
+    recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: str = "spawn"
+) -> tuple[int, str]:
+    return finish(start(recipe, *args, env=env, launcher=launcher))
 
 
 def metrics(output_dir: Path) -> dict[int, dict]:
@@ -114,18 +122,19 @@ def kill_all(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def rank_pid(rank: int) -> int:
-    """The pid of training rank ``rank`` (the deepspeed launcher passes --local_rank=N)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The training ranks' main processes under ``launcher_pid`` (the spawner's children, or
+    DeepSpeed's runner's grandchildren), by global rank (their RANK variable). A forked
+    dataloader worker has its rank's command line and RANK too, so only the shallowest count."""
+    found: dict[int, tuple[int, psutil.Process, int]] = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            env, cmdline, parent = child.environ(), child.cmdline(), child.ppid()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if str(MAIN).encode() in cmd and f"--local_rank={rank}".encode() in cmd:
-            return int(entry.name)
-    raise AssertionError(f"no process for rank {rank}")
+        if str(MAIN) in cmdline and "RANK" in env:
+            found[child.pid] = (int(env["RANK"]), child, parent)
+    return {rank: proc for rank, proc, parent in found.values() if parent not in found}
 
 
 def assert_same_run(got: dict[int, dict], want: dict[int, dict], steps: range) -> None:

@@ -48,23 +48,6 @@ def dstrain_run(recipe: Path, *args: str) -> subprocess.Popen:
     return start([DSTRAIN, "run", recipe, "--gpus", "2", *args])
 
 
-def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
-    """The rank main processes that ``launcher_pid`` started, by global rank (from their RANK).
-
-    Direct children only: a forked dataloader worker has its rank's command line and RANK too.
-    """
-    ranks = {}
-    for child in psutil.Process(launcher_pid).children():
-        try:
-            env = child.environ()
-            cmdline = child.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if str(runs.MAIN) in cmdline and "RANK" in env:
-            ranks[int(env["RANK"])] = child
-    return ranks
-
-
 def send(target: str, proc: subprocess.Popen, sig: signal.Signals, ranks: dict[int, psutil.Process]) -> None:
     if target == "dstrain":
         proc.send_signal(sig)
@@ -80,7 +63,7 @@ def stop_with(target: str, sig: signal.Signals, recipe: Path, out: Path, at_step
     and no rank left running. Returns the saved step."""
     proc = dstrain_run(recipe, *args)
     runs.wait_for_step(proc, out, at_step)
-    ranks = rank_processes(proc.pid)
+    ranks = runs.rank_processes(proc.pid)
     assert sorted(ranks) == [0, 1], f"rank processes under dstrain run: {sorted(ranks)}"
     send(target, proc, sig, ranks)
     code, output = runs.finish(proc)

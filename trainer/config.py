@@ -182,6 +182,9 @@ class LogConfig(ConfigBase):
     sample_prompt: str | None = opt(None, "Generate from this prompt after training and log the text.")
     sample_tokens: int = opt(48, "Tokens to generate for sample_prompt.")
     doc_ids: bool = opt(False, "Record each logged step's document ids in metrics.jsonl (an all-gather).")
+    library_logs: bool = opt(
+        False, "Show DeepSpeed's and transformers' own start-up, op-build and progress messages (rank 0)."
+    )
 
 
 @dataclass

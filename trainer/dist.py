@@ -293,7 +293,9 @@ class DistInfo:
         index this rank uses.
         """
         local = self.cuda_index if self.device.startswith("cuda") else self.local_rank
+        cpu = {} if self.device.startswith("cuda") else {"DS_ACCELERATOR": "cpu"}  # no detection warning
         return {
+            **cpu,
             "RANK": str(self.rank),
             "LOCAL_RANK": str(local),
             "WORLD_SIZE": str(self.world_size),

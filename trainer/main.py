@@ -9,7 +9,10 @@ Reads like a table of contents: parse the config, build the parts, train, export
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
 import random
 import sys
 import warnings
@@ -42,6 +45,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
+
+
+def quiet_stdout(quiet: bool) -> contextlib.AbstractContextManager:
+    """Swallow what libraries print to stdout inside (log.library_logs: true shows it)."""
+    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args, overrides = parse_args(argv)
     dist = DistInfo.from_env()
+    os.environ.update(dist.library_env())  # before DeepSpeed is imported: it reads some at import
     # From the first moment: a stop signal during start-up (DeepSpeed init, data, model: minutes
     # on a big model) is remembered and honoured after the first step, instead of killing the rank.
     preemption = Preemption()
@@ -170,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         job = build_config(stage=args.stage, config_path=args.config, overrides=overrides)
         from trainer.metrics import setup_logging
 
-        console = setup_logging(job.output_dir, dist)
+        console = setup_logging(job.output_dir, dist, job.log.library_logs)
         if dist.is_main:
             from trainer.doctor import summary_line
 
             log.info(summary_line(job, dist))
-        init_distributed(dist, job.train.collective_timeout_s)
+        with quiet_stdout(not job.log.library_logs):  # DeepSpeed prints its op builds per rank
+            init_distributed(dist, job.train.collective_timeout_s)
         return run(job, dist, args.resume, preemption, console)
     except DstrainError as exc:
         print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)

@@ -48,8 +48,12 @@ class ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> ConsoleHandler:
-    """Rank 0: INFO to stderr and train.log. Other ranks: WARNING and above, rank-prefixed."""
+def setup_logging(
+    output_dir: str | Path | None, dist: DistInfo, library_logs: bool = False
+) -> ConsoleHandler:
+    """Rank 0: INFO to stderr and train.log. Other ranks: WARNING and above, rank-prefixed.
+    Libraries (DeepSpeed, transformers) say only warnings, and show no progress bars, unless
+    ``library_logs`` (then rank 0 shows their INFO lines too)."""
     root = logging.getLogger("dstrain")
     root.handlers.clear()
     root.propagate = False
@@ -67,9 +71,16 @@ def setup_logging(output_dir: str | Path | None, dist: DistInfo) -> ConsoleHandl
         file_handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
-    # Library chatter (DeepSpeed's per-rank INFO lines) only from rank 0 and only warnings.
+    # Library chatter (DeepSpeed's per-rank INFO lines, transformers' progress bars) stays quiet.
+    verbose = library_logs and dist.is_main
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING if dist.is_main else logging.ERROR)
+        logging.getLogger(name).setLevel(
+            logging.INFO if verbose else logging.WARNING if dist.is_main else logging.ERROR
+        )
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return console
 
 

@@ -24,6 +24,10 @@ def test_zero3_chunked_loss_matches_plain_losses_and_weights(tmp_path):
     for step, (plain, chunked) in enumerate(zip(main["plain"], main["chunked"], strict=True)):
         assert abs(plain - chunked) <= 1e-5, f"step {step}: plain {plain} vs chunked {chunked}"
     assert results[1]["chunked"] == main["chunked"], "every rank reports the same all-reduced loss"
+    for rank in results:  # eval (no_grad) through the chunked head, after training
+        plain, chunked = rank["plain_facts"], rank["chunked_facts"]
+        assert plain["eval_targets"] == chunked["eval_targets"] > 0
+        assert abs(plain["eval_sum"] - chunked["eval_sum"]) / plain["eval_targets"] <= 1e-5
     assert main["keys_equal"], "the chunked head must not change the state_dict keys"
     assert main["weights_moved"] > 1e-3
     assert main["weight_maxdiff"] <= 1e-5

@@ -2,8 +2,8 @@
 
 The chunked run trains through ``TrainModule`` with ``trainer.loss.summed_loss`` in place of the
 train module's own loss function (the swap the trainer makes when it adopts the chunked loss).
-Each rank writes rank<N>.json: both runs' losses, the weights' largest difference after training,
-and facts showing the chunked path really ran on partitioned parameters.
+Each rank writes rank<N>.json: both runs' losses, an eval loss (no_grad) after training, the
+weights' largest difference, and facts showing the chunked path ran on partitioned parameters.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def train(dist: DistInfo, chunked: bool) -> tuple[list[float], dict, dict]:
     for step in range(STEPS):
         rows = global_rows(step, dist.world_size, rows_per_rank=4)[dist.rank]
         losses.append(module.train_step(micro_batches(rows, 2)).loss)
+    probe = micro_batches(global_rows(99, dist.world_size, rows_per_rank=2)[dist.rank], 2)[0]
+    facts["eval_sum"], facts["eval_targets"] = module.eval_sums(probe, probe)
     return losses, consolidated_state_dict(engine), facts
 
 

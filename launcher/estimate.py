@@ -423,19 +423,25 @@ def fit_json(fit: Fit) -> dict[str, Any]:
 
 def recommend(fits: dict[bool, list[Fit]], job: JobConfig, micro: int) -> dict[str, Any] | None:
     """The first layout, cheapest first, that runs the recipe's micro-batch; else the first that
-    runs any. The recipe's checkpointing setting is tried before turning checkpointing on."""
+    runs any. The recipe's checkpointing setting is tried before turning checkpointing on.
+
+    The micro-batch is the largest that fits and divides the recipe's rows per rank per optimizer
+    step (micro x accum), so grad_accum makes up the rest and the global batch stays the same.
+    """
     settings = [job.model.gradient_checkpointing] + ([True] if not job.model.gradient_checkpointing else [])
+    rows = micro * job.train.grad_accum
     for need in (micro, 1):
         for checkpointing in settings:
             for fit in fits[checkpointing]:
                 if fit.max_micro_batch >= need:
-                    global_rows = micro * job.train.grad_accum
+                    best = next(m for m in range(min(fit.max_micro_batch, rows), 0, -1) if rows % m == 0)
                     return {
                         "layout": fit.layout.name,
                         **asdict(fit.layout),
                         "gradient_checkpointing": checkpointing,
-                        "micro_batch_size": fit.max_micro_batch,
-                        "grad_accum": max(1, round(global_rows / fit.max_micro_batch)),
+                        "micro_batch_size": best,
+                        "grad_accum": rows // best,
+                        "max_micro_batch_size": fit.max_micro_batch,
                     }
     return None
 
@@ -528,7 +534,8 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(
             f"[bold]recommended[/bold]: ZeRO-{rec['layout']}, gradient checkpointing "
             f"{'on' if rec['gradient_checkpointing'] else 'off'}, micro-batch {rec['micro_batch_size']} "
-            f"x accum {rec['grad_accum']} (--zero.stage {rec['stage']} --zero.offload_optimizer "
+            f"x accum {rec['grad_accum']} (the same global batch; up to {rec['max_micro_batch_size']} rows fit) "
+            f"(--zero.stage {rec['stage']} --zero.offload_optimizer "
             f"{str(rec['offload_optimizer']).lower()} --zero.offload_params {str(rec['offload_params']).lower()} "
             f"--model.gradient_checkpointing {str(rec['gradient_checkpointing']).lower()} "
             f"--train.micro_batch_size {rec['micro_batch_size']} --train.grad_accum {rec['grad_accum']})"

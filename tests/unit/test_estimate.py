@@ -170,12 +170,15 @@ def test_recommendation_is_the_cheapest_layout_that_fits_and_its_largest_micro_b
     assert rec is not None and not rec["gradient_checkpointing"]
     chosen = next(i for i, row in enumerate(rows) if row["layout"] == rec["layout"])
     assert all(row["max_micro_batch_size"] < 1 for row in rows[:chosen]), "a cheaper layout fits"
-    assert rows[chosen]["max_micro_batch_size"] == rec["micro_batch_size"] >= 1
-    assert rec["grad_accum"] == max(1, round(16 / rec["micro_batch_size"]))
+    largest = rows[chosen]["max_micro_batch_size"]
+    assert rec["max_micro_batch_size"] == largest >= 1
+    # the recipe's 16 rows per step: the largest divisor of 16 that fits, accum makes up the rest
+    assert rec["micro_batch_size"] == max(m for m in (1, 2, 4, 8, 16) if m <= largest)
+    assert rec["micro_batch_size"] * rec["grad_accum"] == 16
     # the largest micro-batch: it fits, one more does not
     args = [recipe, "--gpus", "8", "--gpu-mem", "80", "--no-data", "--model.gradient_checkpointing", "false"]
     usable = report["setup"]["usable_bytes"]
-    for micro, fits in ((rec["micro_batch_size"], True), (rec["micro_batch_size"] + 1, False)):
+    for micro, fits in ((largest, True), (largest + 1, False)):
         again = run_estimate(capsys, *args, "--train.micro_batch_size", str(micro))
         total = next(r for r in again["layouts"]["no_checkpointing"] if r["layout"] == rec["layout"])["total"]
         assert (total <= usable) is fits, (micro, total, usable)

@@ -264,3 +264,12 @@ def test_table_output_names_the_recommendation(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "recommended: ZeRO-" in out and "--zero.stage" in out and " h " in out
+
+
+def test_the_planners_copy_of_the_loss_settings_matches_trainer_loss():
+    """estimate.py mirrors two constants of trainer.loss so that --help does not import torch."""
+    from launcher import estimate
+    from trainer import loss
+
+    assert estimate.CHUNK_BYTES == loss.DEFAULT_CHUNK_BYTES
+    assert estimate.CHUNKED_MODEL_TYPES == loss.CHUNKED_MODEL_TYPES

@@ -46,7 +46,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data.tools", "main", "Prepare and inspect data (json/jsonl -> parquet, stats)."),
     "export": ("trainer.export", "export_main", "Export a checkpoint to Hugging Face format."),
     "ckpt": ("trainer.export", "ckpt_main", "List, check and convert checkpoints."),
-    "estimate": ("launcher.estimate", "main", "Plan memory per GPU (ZeRO 0-3, offload), micro-batch and time."),
+    "estimate": ("launcher.estimate", "main", "Plan memory per GPU (ZeRO 0-3), micro-batch and time."),
     "plot": ("trainer.plots", "main", "Draw loss curves from runs' metrics.jsonl, overlaid."),
 }
 

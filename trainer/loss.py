@@ -7,8 +7,8 @@ left and pads with -100, so position t of the hidden states is scored against to
 [tokens, vocab] tensor is sliced or copied.
 
 Why: at vocab 152k the plain path (``lm_head`` over every position, ``logits[:, :-1]`` copied,
-``.float()``, ``log_softmax`` saved for backward) holds about 12-16 bytes per token per vocab
-entry: 20 GB for 8 x 2048 tokens, more than the whole 0.5B model's activations.
+``.float()``, ``log_softmax`` saved for backward) peaks at about 12 bytes per token per vocab
+entry: 30 GB for 8 x 2048 tokens, more than all of Qwen2.5-0.5B's activations.
 
 How: :class:`ChunkedLMHead` replaces ``model.lm_head``, keeping the same ``weight`` Parameter (so
 ``state_dict`` keys and the tie to the input embedding stay as they are). Called with hidden
@@ -16,8 +16,9 @@ states alone it is the plain linear layer (generation, HF's own forward). Called
 ``shifted_labels`` it returns the loss sum through :class:`ChunkedLinearCrossEntropy`, which
 computes the logits of ``chunk_rows`` target tokens at a time, keeps only each token's
 log-sum-exp, and recomputes each chunk's logits in backward. Peak extra memory is one chunk's
-logits (a few x ``chunk_bytes``), independent of the sequence length. The price is one more
-[tokens x hidden x vocab] matmul in backward (about 2 * vocab * hidden FLOPs per token).
+logits (a few x ``chunk_bytes``) plus, in backward, an fp32 accumulator for the head's weight
+gradient: independent of the number of tokens. The price is one more [tokens x hidden x vocab]
+matmul in backward (about 2 * vocab * hidden FLOPs per token).
 
 DeepSpeed: the loss must come out of ``engine(...)`` (the engine registers its backward prologue,
 which ZeRO needs, on the forward's outputs), so :func:`enable_chunked_loss` also gives the causal
@@ -250,6 +251,8 @@ def enable_chunked_loss(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     if type(head) is not nn.Linear:
         log.info("loss: plain full-logits path (lm_head is a %s, not nn.Linear)", type(head).__name__)
         return False
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3 hooks only the modules that existed at initialize
+        raise RuntimeError("enable_chunked_loss must run before deepspeed.initialize")
     causal.set_output_embeddings(ChunkedLMHead(head, chunk_bytes))
     causal.forward = types.MethodType(_forward_with_loss, causal)
     log.info(

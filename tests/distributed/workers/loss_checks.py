@@ -34,6 +34,12 @@ def train(dist: DistInfo, chunked: bool) -> tuple[list[float], dict, dict]:
     if chunked:
         facts["enabled"] = enable_chunked_loss(model, chunk_bytes=CHUNK_BYTES)
     engine, _ = build_engine(job, model, "fp32", on_gpu=False, total_steps=STEPS)
+    if not chunked:  # after initialize, ZeRO-3 would not gather a new head: refused
+        try:
+            enable_chunked_loss(engine)
+            facts["late_enable_refused"] = False
+        except RuntimeError:
+            facts["late_enable_refused"] = True
     causal = causal_lm_of(engine)
     head = causal.get_output_embeddings().weight
     facts.update(

@@ -47,8 +47,9 @@ A setup "fits" when its peak stays under ``USABLE_FRACTION`` of the GPU's memory
 CUDA context, NCCL and allocator fragmentation).
 
 Data: tokens, sequences and optimizer steps per epoch come from ``dstrain data inspect``'s
-counting (:func:`trainer.data.tools.inspect`; packed rows of ``data.max_seq_len``), the ETA from
-a given tokens/s, a run's measured ``metrics.jsonl``, or an assumed MFU.
+counting (:func:`trainer.data.tools.inspect`; packed rows of ``data.max_seq_len``), scaled by the
+share of rows left after the trainer's validation hold-out (its own rule, counted exactly); the
+ETA from a given tokens/s, a run's measured ``metrics.jsonl``, or an assumed MFU.
 """
 
 from __future__ import annotations
@@ -282,16 +283,25 @@ def data_section(job: JobConfig, world: int) -> dict[str, Any]:
         return {"available": False, "reason": str(exc)}
     if "epoch" not in report:
         return {"available": False, "reason": f"token counts need a local tokenizer dir ({tokenizer_dir})"}
-    epoch = report["epoch"]
+    epoch, rows = report["epoch"], report["rows"]
+    held = 0
+    if job.data.validation is None:  # the trainer's own row-level hold-out, counted exactly
+        import numpy as np
+
+        from trainer.data.sharding import held_out
+
+        mask = held_out(np.arange(rows), job.data.validation_fraction, job.data.validation_seed)
+        held = int(mask.sum())
+    share = (rows - held) / rows if rows else 0.0  # tokens and steps scale with the rows trained on
     return {
         "available": True,
         "files": [str(p) for p in files],
-        "rows": report["rows"],
-        "tokens": report["estimated_total_tokens"],
-        "packed_tokens": epoch["packed_tokens"],
-        "sequences": epoch["sequences"],
+        "rows": rows,
+        "held_out_rows": held,
+        "tokens": round(report["estimated_total_tokens"] * share),
+        "sequences": int(epoch["sequences"] * share),
         "tokens_per_step": epoch["tokens_per_step"],
-        "steps_per_epoch": epoch["steps"],
+        "steps_per_epoch": int(epoch["steps"] * share),
     }
 
 
@@ -543,8 +553,9 @@ def print_report(report: dict[str, Any]) -> None:
     data = report["data"]
     if data.get("available"):
         console.print(
-            f"data: {data['rows']:,} rows, {data['tokens']:,} tokens, {data['sequences']:,} packed rows; "
-            f"{data['tokens_per_step']:,} tokens and {data['steps_per_epoch']:,} optimizer steps per epoch"
+            f"data: {data['rows']:,} rows ({data['held_out_rows']:,} held out for eval), {data['tokens']:,} "
+            f"tokens trained on, {data['sequences']:,} packed rows; {data['tokens_per_step']:,} tokens and "
+            f"{data['steps_per_epoch']:,} optimizer steps per epoch"
         )
     else:
         console.print(f"data: not counted ({data['reason']})")

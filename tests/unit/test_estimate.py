@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,15 +204,28 @@ def test_steps_and_time_per_epoch_from_pre_tokenized_data(tmp_path, capsys):
         tmp_path / "r.yaml",
         f"tokenizer: unused\nmodel: {{config: qwen2.5-0.5b, overrides: {{hidden_size: 64, num_hidden_layers: 2, "
         f"num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 128}}}}\n"
-        f"data: {{train: [{tmp_path / 'tok.parquet'}], max_seq_len: 100}}\n"
+        f"data: {{train: [{tmp_path / 'tok.parquet'}], max_seq_len: 100, validation_fraction: 0}}\n"
         f"train: {{micro_batch_size: 2, grad_accum: 5, epochs: 3}}\n",
     )
     report = run_estimate(capsys, recipe, "--gpus", "2", "--tokens-per-s", "1000")
     data, timing = report["data"], report["time"]
     # 2 ranks x micro 2 x accum 5 = 20 rows (2,000 tokens) a step: 5 steps an epoch, 15 in 3 epochs.
-    assert (data["tokens"], data["sequences"], data["steps_per_epoch"]) == (9_900, 100, 5)
+    assert (data["tokens"], data["sequences"], data["steps_per_epoch"], data["held_out_rows"]) == (
+        9_900,
+        100,
+        5,
+        0,
+    )
     assert data["tokens_per_step"] == 2_000
     assert (timing["steps"], timing["tokens"], timing["seconds"]) == (15, 30_000, 30.0)
+    # the default hold-out (10% of rows for eval, the trainer's seeded rule) leaves fewer steps
+    from trainer.data.sharding import held_out
+
+    held = int(held_out(np.arange(100), 0.1, 2222).sum())
+    assert 0 < held < 25
+    report = run_estimate(capsys, recipe, "--gpus", "2", "--data.validation_fraction", "0.1")
+    assert report["data"]["held_out_rows"] == held
+    assert report["data"]["sequences"] == 100 - held  # every document fills exactly one packed row
 
 
 def test_tokens_per_s_from_a_runs_metrics(tmp_path, capsys):

@@ -61,6 +61,8 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
         "doctor_main",
         "Check that this machine can run a recipe (GPUs, ops, disk).",
     ),
+    "estimate": ("launcher.estimate", "main", "Plan memory per GPU (ZeRO 0-3), micro-batch and time."),
+    "plot": ("trainer.plots", "main", "Draw loss curves from runs' metrics.jsonl, overlaid."),
 }
 
 

@@ -1,0 +1,110 @@
+"""The GPU check's scripts, as far as a CPU machine can run them: shell syntax and lint, the
+listed steps, and the Python steps through their --cpu-fallback (tiny model, fp32). The wheel
+downloads themselves never run here (only their --dry-run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+from tests.launch import run_group
+
+SCRIPTS = [REPO / "scripts" / "gpu_check.sh", REPO / "scripts" / "gpu_wheels.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shell_syntax_and_lint(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    lint = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+
+
+def dry_run(*args: str) -> list[str]:
+    out = subprocess.run(
+        ["bash", str(SCRIPTS[0]), "--dry-run", *args], capture_output=True, text=True, check=True
+    ).stdout
+    return out.splitlines()
+
+
+def test_gpu_check_dry_run_lists_every_step_in_order(tmp_path):
+    lines = dry_run("--out", str(tmp_path / "o u t"))
+    steps = [line.split("]")[0][1:] for line in lines if line.startswith("[")]
+    assert steps == ["env", "install", "parity", "resume", "bench", "data", "summary"]
+    install = next(line for line in lines if line.startswith("[install]"))
+    assert "--no-index --find-links" in install and "--system-site-packages" in install
+    data = next(line for line in lines if line.startswith("[data]"))
+    assert "--workers 0\\,1\\,2\\,4" in data
+    assert all("o\\ u\\ t" in line for line in lines if line.startswith(("[parity]", "[bench]")))
+    assert not (tmp_path / "o u t").exists(), "a dry run writes nothing"
+    cpu = dry_run("--cpu-fallback")
+    assert not any(line.startswith("[install]") for line in cpu)
+    assert all(
+        "--cpu-fallback" in line for line in cpu if line.startswith(("[parity]", "[resume]", "[bench]"))
+    )
+
+
+def test_gpu_wheels_dry_run_builds_deepspeed_and_skips_torch(tmp_path):
+    out = subprocess.run(
+        ["bash", str(SCRIPTS[1]), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    ).stdout
+    assert "DS_BUILD_OPS=0" in out and "pip wheel --no-deps --no-binary deepspeed" in out
+    assert "--python-version 3.12" in out and "--only-binary=:all:" in out
+    fetched_alone = next(line for line in out.splitlines() if "--no-deps -d" in line)
+    assert all(name in fetched_alone for name in ("torchdata", "peft", "accelerate"))
+
+
+def test_gpu_check_cpu_fallback_runs_env_parity_and_summary(tmp_path):
+    out = tmp_path / "check"
+    proc = run_group(
+        ["bash", str(SCRIPTS[0]), "--cpu-fallback", "--only", "env,parity,summary", "--out", str(out)],
+        timeout=600,
+        PYTHON=sys.executable,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    assert [(name, status) for name, status, _ in steps] == [
+        ("env", "ok"),
+        ("parity", "ok"),
+        ("summary", "ok"),
+    ]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["pass"] and set(parity["cases"]) == {"eager", "sdpa"}
+    summary = (out / "summary.md").read_text()
+    assert "# GPU check, 20" in summary and "Device: **CPU" in summary and "Loss parity (fp32" in summary
+
+
+def test_bench_gpu_cpu_fallback_runs_the_training_path(tmp_path):
+    proc = run_group(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_gpu.py"),
+            "bench",
+            "--cpu-fallback",
+            "--checkpointing",
+            "on",
+            "--no-plain-loss-case",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert result["case"] == "sdpa/ckpt/chunked" and result["loss_path"] == "chunked"
+    assert result["tokens_per_s"] > 0 and result["mfu"] is None, "no MFU on CPU"
+    assert len(result["losses"]) == 3 and all(0 < loss < 20 for loss in result["losses"])

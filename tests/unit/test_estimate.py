@@ -1,0 +1,289 @@
+"""``dstrain estimate``: ZeRO model states by the paper's formulas, an activation model measured
+against a real CPU forward/backward, the micro-batch search, and steps and time from the data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.estimate import LAYOUTS, activation_memory, main, model_states
+from tests.helpers import REPO
+from trainer.model import PRESETS_DIR
+
+GB = 1e9
+
+
+def run_estimate(capsys, *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def write_recipe(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_qwen2_5_7b_on_8_gpus_matches_the_zero_paper(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads((PRESETS_DIR / "qwen2.5-7b.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data))
+    psi = sum(p.numel() for p in model.parameters())
+    assert psi == 7_615_616_512, "Qwen2.5-7B's published size (7.61B, 6.53B non-embedding)"
+
+    recipe = write_recipe(tmp_path / "r.yaml", "tokenizer: unused\nmodel: {config: qwen2.5-7b}\n")
+    report = run_estimate(capsys, recipe, "--gpus", "8", "--gpu-mem", "80")
+    assert report["model"]["parameters"] == psi
+    n = 8
+    paper = {  # bytes per GPU: mixed-precision Adam, K = 12 (ZeRO paper, Figure 1 and sec. 5)
+        "0": 16 * psi,
+        "1": 4 * psi + 12 * psi / n,
+        "2": 2 * psi + 14 * psi / n,
+        "3": 16 * psi / n,
+        "2+oo": 2 * psi + 2 * psi / n,  # ZeRO-Offload: fp16 weights and gradients stay on the GPU
+        "3+oo": 4 * psi / n,
+        "3+oo+op": 2 * psi / n,
+    }
+    rows = {row["layout"]: row for row in report["layouts"]["no_checkpointing"]}
+    assert set(rows) == set(paper)
+    for name, expected in paper.items():
+        assert rows[name]["model_states"] == pytest.approx(expected, rel=1e-12), name
+    # offloading puts the optimizer state and CPU Adam's fp32 gradients (and params) on the host
+    assert rows["2+oo"]["host_per_rank"] == pytest.approx(16 * psi / n, rel=1e-12)
+    assert rows["3+oo+op"]["host_per_rank"] == pytest.approx(18 * psi / n, rel=1e-12)
+
+
+def test_fp32_model_states_split_16_psi_as_4_4_8():
+    states = model_states(1000, 4, LAYOUTS[0], "fp32")
+    assert (states.weights, states.gradients, states.optimizer) == (4000, 4000, 8000)
+
+
+PROBE = r"""
+import json, sys, torch
+from transformers import Qwen2Config, AutoModelForCausalLM
+from trainer.loss import enable_chunked_loss, summed_loss
+from trainer.model import apply_gradient_checkpointing
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+spec = json.loads(sys.argv[1])
+config = Qwen2Config(**spec["shape"], tie_word_embeddings=True, use_cache=False)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+if spec["checkpointing"]:
+    apply_gradient_checkpointing(model)
+if spec["chunk_bytes"]:
+    enable_chunked_loss(model, chunk_bytes=spec["chunk_bytes"])
+model.train()
+micro, seq = spec["micro"], spec["seq"]
+ids = torch.randint(0, config.vocab_size, (micro, seq))
+half = seq // 2  # packed rows: two documents each, position_ids restart
+positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).repeat(micro, 1)
+batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
+summed_loss(model, batch, "cpu").backward()  # kernels loaded, every .grad allocated
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS:")
+summed_loss(model, batch, "cpu").backward()
+print(json.dumps({"peak_bytes": status("VmHWM:") - base}))
+"""
+
+SHAPE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 704,
+    "vocab_size": 8192,
+}
+
+
+def measured_peak(spec: dict) -> int:
+    """Peak RSS growth of one training forward/backward in a fresh process. glibc's mmap
+    threshold is pinned low so freed tensors leave RSS at once (see tests/unit/test_loss.py)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+@pytest.mark.parametrize(
+    "checkpointing, chunk_tokens",
+    [(False, None), (True, None), (False, 256)],
+    ids=["plain", "ckpt", "chunked"],
+)
+def test_activation_estimate_is_within_25_percent_of_a_measured_cpu_run(checkpointing, chunk_tokens):
+    from transformers import Qwen2Config
+
+    micro, seq = 8, 256
+    chunk_bytes = chunk_tokens * 4 * SHAPE["vocab_size"] if chunk_tokens else 0
+    spec = {
+        "shape": SHAPE,
+        "micro": micro,
+        "seq": seq,
+        "checkpointing": checkpointing,
+        "chunk_bytes": chunk_bytes,
+    }
+    measured = measured_peak(spec)
+    estimate = activation_memory(
+        Qwen2Config(**SHAPE),
+        micro_batch_size=micro,
+        seq_len=seq,
+        precision="fp32",
+        attn="sdpa",
+        packed=True,
+        checkpointing=checkpointing,
+        chunked_loss=bool(chunk_tokens),
+        chunk_bytes=chunk_bytes or 1,
+    ).peak
+    print(
+        f"activations {spec['checkpointing']=} {chunk_tokens=}: estimate {estimate / 2**20:.1f} MiB, "
+        f"measured {measured / 2**20:.1f} MiB ({estimate / measured - 1:+.1%})"
+    )
+    assert measured > 20 * 2**20, "the probe must allocate enough to measure"
+    assert abs(estimate - measured) <= 0.25 * measured
+
+
+def test_recommendation_is_the_cheapest_layout_that_fits_and_its_largest_micro_batch(tmp_path, capsys):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "tokenizer: unused\nmodel: {config: qwen2.5-7b, gradient_checkpointing: false}\n"
+        "data: {max_seq_len: 2048}\ntrain: {micro_batch_size: 1, grad_accum: 16}\n",
+    )
+    report = run_estimate(capsys, recipe, "--gpus", "8", "--gpu-mem", "80", "--no-data")
+    rows = report["layouts"]["no_checkpointing"]
+    rec = report["recommendation"]
+    assert rec is not None and not rec["gradient_checkpointing"]
+    chosen = next(i for i, row in enumerate(rows) if row["layout"] == rec["layout"])
+    assert all(row["max_micro_batch_size"] < 1 for row in rows[:chosen]), "a cheaper layout fits"
+    largest = rows[chosen]["max_micro_batch_size"]
+    assert rec["max_micro_batch_size"] == largest >= 1
+    # the recipe's 16 rows per step: the largest divisor of 16 that fits, accum makes up the rest
+    assert rec["micro_batch_size"] == max(m for m in (1, 2, 4, 8, 16) if m <= largest)
+    assert rec["micro_batch_size"] * rec["grad_accum"] == 16
+    # the largest micro-batch: it fits, one more does not
+    args = [recipe, "--gpus", "8", "--gpu-mem", "80", "--no-data", "--model.gradient_checkpointing", "false"]
+    usable = report["setup"]["usable_bytes"]
+    for micro, fits in ((largest, True), (largest + 1, False)):
+        again = run_estimate(capsys, *args, "--train.micro_batch_size", str(micro))
+        total = next(r for r in again["layouts"]["no_checkpointing"] if r["layout"] == rec["layout"])["total"]
+        assert (total <= usable) is fits, (micro, total, usable)
+    # on 1 GPU of 24 GB nothing holds 7B without offloading everything; a 1000 GB GPU takes ZeRO-0
+    small = run_estimate(capsys, recipe, "--gpus", "1", "--gpu-mem", "24", "--no-data")
+    assert small["recommendation"] is None or small["recommendation"]["offload_optimizer"]
+    huge = run_estimate(capsys, recipe, "--gpus", "1", "--gpu-mem", "1000", "--no-data")
+    assert huge["recommendation"]["layout"] == "0"
+
+
+def test_steps_and_time_per_epoch_from_pre_tokenized_data(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 100 documents of 99 tokens: packing adds one EOS each, 10,000 tokens = 100 rows of 100.
+    ids = [[(i * 7 + j) % 500 + 1 for j in range(99)] for i in range(100)]
+    table = pa.table(
+        {"doc_id": pa.array(range(100), pa.int64()), "input_ids": pa.array(ids, pa.list_(pa.int64()))}
+    )
+    pq.write_table(table, tmp_path / "tok.parquet", row_group_size=25)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"tokenizer: unused\nmodel: {{config: qwen2.5-0.5b, overrides: {{hidden_size: 64, num_hidden_layers: 2, "
+        f"num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 128}}}}\n"
+        f"data: {{train: [{tmp_path / 'tok.parquet'}], max_seq_len: 100, validation_fraction: 0}}\n"
+        f"train: {{micro_batch_size: 2, grad_accum: 5, epochs: 3}}\n",
+    )
+    report = run_estimate(capsys, recipe, "--gpus", "2", "--tokens-per-s", "1000")
+    data, timing = report["data"], report["time"]
+    # 2 ranks x micro 2 x accum 5 = 20 rows (2,000 tokens) a step: 5 steps an epoch, 15 in 3 epochs.
+    assert (data["tokens"], data["sequences"], data["steps_per_epoch"], data["held_out_rows"]) == (
+        9_900,
+        100,
+        5,
+        0,
+    )
+    assert data["tokens_per_step"] == 2_000
+    assert (timing["steps"], timing["tokens"], timing["seconds"]) == (15, 30_000, 30.0)
+    # the default hold-out (10% of rows for eval, the trainer's seeded rule) leaves fewer steps
+    from trainer.data.sharding import held_out
+
+    held = int(held_out(np.arange(100), 0.1, 2222).sum())
+    assert 0 < held < 25
+    report = run_estimate(capsys, recipe, "--gpus", "2", "--data.validation_fraction", "0.1")
+    assert report["data"]["held_out_rows"] == held
+    assert report["data"]["sequences"] == 100 - held  # every document fills exactly one packed row
+
+
+def test_tokens_per_s_from_a_runs_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 10, "loss": 3.0, "tokens_per_s": 100.0}, {"step": 20, "eval_loss": 2.9}]
+    records += [
+        {"step": 10 * i, "loss": 2.0, "tokens_per_s": rate}
+        for i, rate in ((3, 400.0), (4, 500.0), (5, 600.0))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "tokenizer: unused\ntrain: {max_steps: 10, micro_batch_size: 1, grad_accum: 1}\ndata: {max_seq_len: 100}\n",
+    )
+    report = run_estimate(capsys, recipe, "--gpus", "1", "--no-data", "--metrics", str(run))
+    # median of the records after the first (warm-up): 500 tokens/s; 10 steps x 100 tokens = 2 s
+    assert report["time"]["tokens_per_s"] == 500.0 and report["time"]["seconds"] == 2.0
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", "tokenizer: unused\n")
+    assert main([recipe, "--gpus", "0"]) == 2
+    assert "--gpus" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # no device peak to assume an MFU of
+        assert main([recipe, "--gpus", "1", "--mfu", "0.4", "--no-data"]) == 2
+        assert "--peak-tflops" in capsys.readouterr().err
+    assert main([recipe, "--gpus", "1", "--optim.lerning_rate", "1"]) == 2
+    assert "did you mean --optim.lr" in capsys.readouterr().err
+
+
+def test_table_output_names_the_recommendation(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", "tokenizer: unused\nmodel: {config: qwen2.5-7b}\n")
+    assert (
+        main(
+            [
+                recipe,
+                "--gpus",
+                "8",
+                "--gpu-mem",
+                "80",
+                "--no-data",
+                "--tokens-per-s",
+                "5e4",
+                "--train.max_steps",
+                "100",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "recommended: ZeRO-" in out and "--zero.stage" in out and " h " in out
+
+
+def test_the_planners_copy_of_the_loss_settings_matches_trainer_loss():
+    """estimate.py mirrors two constants of trainer.loss so that --help does not import torch."""
+    from launcher import estimate
+    from trainer import loss
+
+    assert estimate.CHUNK_BYTES == loss.DEFAULT_CHUNK_BYTES
+    assert estimate.CHUNKED_MODEL_TYPES == loss.CHUNKED_MODEL_TYPES

@@ -143,6 +143,8 @@ def bench_job(spec: dict[str, Any]) -> Any:
                 "attn_implementation": spec["attn"],
                 "gradient_checkpointing": spec["checkpointing"],
                 "dtype": "fp32" if spec["cpu"] else "bf16",
+                # The loss path is set after the embeddings are resized to the real vocabulary.
+                "loss": "plain",
             },
             "data": {
                 "train": [spec["input"]],
@@ -162,15 +164,20 @@ def bench_job(spec: dict[str, Any]) -> Any:
 
 
 def use_loss(model: Any, kind: str) -> bool:
-    """Set the loss path of this process: ``chunked`` enables :mod:`trainer.loss` on the model and
-    makes ``TrainModule`` call its ``summed_loss`` (a no-op once the train module does so itself)."""
-    import trainer.loss
-    import trainer.train_module
+    """``chunked``: give the model :mod:`trainer.loss`'s chunked head (as ``build_model`` does for
+    ``model.loss: chunked``; here after the embeddings were resized). Returns whether it applied."""
+    from trainer.loss import enable_chunked_loss
 
-    if kind != "chunked" or not trainer.loss.enable_chunked_loss(model):
-        return False
-    trainer.train_module.summed_loss = trainer.loss.summed_loss
-    return True
+    return kind == "chunked" and enable_chunked_loss(model)
+
+
+def local_step(module: Any, batches: list[dict[str, Any]]) -> tuple[float, int]:
+    """One optimizer step on one rank: (mean token loss, non-pad tokens)."""
+    from trainer.train_module import target_count, token_count
+
+    targets = sum(target_count(b) for b in batches)
+    result = module.train_step(batches, targets)
+    return float(result.loss_sum) / max(targets, 1), sum(token_count(b) for b in batches)
 
 
 def predicted_bytes(job: Any, config: Any, precision: str, chunked: bool) -> float:
@@ -200,7 +207,7 @@ def run_bench_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     from trainer.data import build_train_data
     from trainer.dist import DistInfo, init_distributed
-    from trainer.ds_config import resolve_precision
+    from trainer.ds_config import build_ds_config, resolve_precision
     from trainer.engine import build_engine
     from trainer.flops import device_peak_tflops, flops_per_token, mfu
     from trainer.model import build_model
@@ -213,11 +220,12 @@ def run_bench_case(spec: dict[str, Any]) -> dict[str, Any]:
     job = bench_job(spec)
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     tokenizer = load_tokenizer(job.tokenizer_path)
-    model = build_model(job, tokenizer, precision, on_gpu)
+    ds_config = build_ds_config(job, precision, on_gpu)
+    model = build_model(job, tokenizer, precision, on_gpu, ds_config)
     if spec["vocab_size"] and model.config.vocab_size < spec["vocab_size"]:
         model.resize_token_embeddings(spec["vocab_size"])  # the real vocabulary's compute
     chunked = use_loss(model, spec["loss"])
-    engine, _ = build_engine(job, model, precision, on_gpu, total_steps=spec["steps"])
+    engine = build_engine(job, model, ds_config, spec["steps"])
     module = TrainModule(engine, dist)
     data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
 
@@ -234,9 +242,9 @@ def run_bench_case(spec: dict[str, Any]) -> dict[str, Any]:
         if step == spec["warmup"]:
             sync()
             started, tokens = time.perf_counter(), 0
-        result = module.train_step([next(stream)])
-        tokens += result.tokens
-        losses.append(result.loss)
+        loss, step_tokens = local_step(module, [next(stream)])
+        tokens += step_tokens
+        losses.append(loss)
     sync()
     seconds = time.perf_counter() - started
     tokens_per_s = tokens / seconds

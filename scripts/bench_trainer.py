@@ -77,6 +77,7 @@ def make_job(spec: dict[str, Any]) -> Any:
                 "attn_implementation": "sdpa",
                 "gradient_checkpointing": False,
                 "dtype": "fp32",
+                "loss": spec.get("loss", "plain"),  # (a) compares like with like: the full-logits loss
             },
             "data": {
                 "train": [spec["input"]],
@@ -151,25 +152,28 @@ def bare_stepper(spec: dict[str, Any], job: Any, model: Any) -> Any:
 
 def dstrain_engine(spec: dict[str, Any], job: Any, model: Any) -> tuple[Any, Any]:
     from trainer.dist import DistInfo, init_distributed
+    from trainer.ds_config import build_ds_config
     from trainer.engine import build_engine
     from trainer.train_module import TrainModule
 
     dist = DistInfo.from_env()
     init_distributed(dist)
-    engine, _ = build_engine(job, model, "fp32", on_gpu=False, total_steps=spec["steps"])
+    engine = build_engine(job, model, build_ds_config(job, "fp32", on_gpu=False), spec["steps"])
     return TrainModule(engine, dist), dist
 
 
 def run_pair(spec: dict[str, Any], job: Any, tokenizer: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
     """(a) bare loop and dstrain in one process, step by step in alternating order, so both see
     the same machine load; each step is timed on its own."""
+    from bench_gpu import local_step
+
     from trainer.model import build_model
 
     bare = bare_stepper(spec, job, build_model(job, tokenizer, "fp32", on_gpu=False))
     module, _ = dstrain_engine(spec, job, build_model(job, tokenizer, "fp32", on_gpu=False))
     runs = {
         "bare": (bare, {"losses": [], "durations": []}),
-        "dstrain": (lambda b: module.train_step([b]).loss, {"losses": [], "durations": []}),
+        "dstrain": (lambda b: local_step(module, [b])[0], {"losses": [], "durations": []}),
     }
     rows_tokens = spec["micro"] * spec["seq_len"]
     for i, batch in enumerate(batches):
@@ -184,7 +188,7 @@ def run_pair(spec: dict[str, Any], job: Any, tokenizer: Any, batches: list[dict[
 def run_dstrain_packed(spec: dict[str, Any], job: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
     """(b) dstrain end to end: the streaming pipeline (tokenize, shuffle, pack) and train_step,
     with the loss ``spec["loss"]`` (chunked: ``trainer.loss``, as bench_gpu.py sets it up)."""
-    from bench_gpu import use_loss
+    from bench_gpu import local_step, use_loss
 
     from trainer.data import build_train_data
 
@@ -195,9 +199,9 @@ def run_dstrain_packed(spec: dict[str, Any], job: Any, model: Any, tokenizer: An
     tokens, ends, losses = [], [], []
     start = time.perf_counter()  # the first step's clock starts with the data stream
     for _ in range(spec["steps"]):
-        result = module.train_step([next(stream)])
-        tokens.append(result.tokens)
-        losses.append(result.loss)
+        loss, step_tokens = local_step(module, [next(stream)])
+        tokens.append(step_tokens)
+        losses.append(loss)
         ends.append(time.perf_counter())
     return {"losses": losses, "durations": ends_to_durations(ends, start), "tokens": tokens}
 

@@ -44,6 +44,11 @@ class ModelConfig(ConfigBase):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "Training precision; auto = bf16 on GPUs that support it, else fp32."
     )
+    loss: Literal["chunked", "plain"] = opt(
+        "chunked",
+        "chunked = next-token loss over chunks of target tokens, never the full [tokens, vocab] fp32 "
+        "logits (llama/mistral/qwen2/qwen3 heads); plain = HF's full logits.",
+    )
 
 
 @dataclass
@@ -182,6 +187,11 @@ class LogConfig(ConfigBase):
     sample_prompt: str | None = opt(None, "Generate from this prompt after training and log the text.")
     sample_tokens: int = opt(48, "Tokens to generate for sample_prompt.")
     doc_ids: bool = opt(False, "Record each logged step's document ids in metrics.jsonl (an all-gather).")
+    peak_tflops: float | None = opt(
+        None,
+        "Dense bf16 peak TFLOP/s of one GPU, for MFU; null = from the device name (A100 312, H100 SXM "
+        "989, H100 PCIe 756, H200 989, L40S 362, RTX 4090 165); MFU is null on a CPU or an unknown GPU.",
+    )
     library_logs: bool = opt(
         False, "Show DeepSpeed's and transformers' own start-up, op-build and progress messages (rank 0)."
     )

@@ -9,7 +9,8 @@ action, the rank it hits, the point in the code and optionally the optimizer ste
 - ``kill_rank0_in_eval:8``    SIGKILL rank 0 half-way through the eval at step 8;
 - ``nan_rank1_in_step:5``     make rank 1's loss NaN in the step that becomes step 5;
 - ``nan_rank1_in_step:5x3``   the same three times (a skipped step is tried again as step 5);
-- ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests).
+- ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests);
+- ``sleep_rank0_in_eval``     a 2 s pause inside every eval (a slow eval).
 
 A spec fires once per process unless it says ``x<times>``. Unset (every real run), :func:`fault`
 returns None after one dict lookup.
@@ -20,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 log = logging.getLogger("dstrain")
 
 FAULT_ENV = "DSTRAIN_FAULT"
+SLEEP_S = 2.0
 
 
 _fired: dict[str, int] = {}
@@ -47,5 +50,7 @@ def fault(point: str, step: int, rank: int) -> str | None:
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
+        if action == "sleep":
+            time.sleep(SLEEP_S)
         return action
     return None

@@ -251,7 +251,7 @@ def enable_chunked_loss(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     if type(head) is not nn.Linear:
         log.info("loss: plain full-logits path (lm_head is a %s, not nn.Linear)", type(head).__name__)
         return False
-    if hasattr(head.weight, "ds_id"):  # ZeRO-3 hooks only the modules that existed at initialize
+    if hasattr(head, "ds_id"):  # ZeRO-3 hooks only the modules that existed at initialize
         raise RuntimeError("enable_chunked_loss must run before deepspeed.initialize")
     causal.set_output_embeddings(ChunkedLMHead(head, chunk_bytes))
     causal.forward = types.MethodType(_forward_with_loss, causal)

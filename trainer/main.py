@@ -107,7 +107,7 @@ def run(
         train_data,
         eval_batches,
         total_steps,
-        callbacks_for(job, dist, total_steps, console),
+        callbacks_for(job, dist, total_steps, console, engine.module.config),
         preemption=preemption,
     )
     trainer.checkpointer = ckpt.Checkpointer(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer.dist import DistInfo, all_reduce_max, all_reduce_sum
+from trainer.flops import mfu
 
 log = logging.getLogger("dstrain")
 
@@ -151,11 +152,15 @@ class Throughput(Callback):
     """tokens/s of the steps since the last log: non-pad tokens of all ranks over the time spent
     in steps (waiting for data + compute), so eval and save time never dilute it.
 
-    Records ``tokens_per_s`` (the slowest rank's view), ``data_wait_s`` and ``step_s`` (mean per
-    step over the window, the slowest rank), and ``time`` (seconds since training started).
+    Records ``tokens_per_s`` (the slowest rank's view), ``mfu`` (model FLOPs of those tokens per
+    second over the ranks' dense peak: ``trainer.flops``; None without a known peak, as on a
+    CPU), ``data_wait_s`` and ``step_s`` (mean per step over the window, the slowest rank), and
+    ``time`` (seconds since training started).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flops_per_token: float | None = None, peak_tflops: float | None = None) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
         self.start = time.perf_counter()
         self._reset()
 
@@ -173,6 +178,12 @@ class Throughput(Callback):
         if trainer.is_log_step():
             seconds = max(self.wait_s + self.compute_s, 1e-9)
             trainer.metrics.record("tokens_per_s", self.tokens / seconds, "min")
+            utilisation = None
+            if self.flops_per_token is not None:
+                utilisation = mfu(
+                    self.tokens / seconds, self.flops_per_token, trainer.dist.world_size, self.peak_tflops
+                )
+            trainer.metrics.record("mfu", utilisation, "min")
             trainer.metrics.record("data_wait_s", self.wait_s / self.steps, "max")
             trainer.metrics.record("step_s", (self.wait_s + self.compute_s) / self.steps, "max")
             trainer.metrics.record("time", time.perf_counter() - self.start, "max")
@@ -313,49 +324,17 @@ class TensorBoard(Callback):
 
 
 class LossCurve(Callback):
-    """loss_curve.png from metrics.jsonl at the end: train and eval loss on one chart."""
+    """loss_curve.png from metrics.jsonl at the end (``trainer.plots``: train loss raw and
+    smoothed, eval loss, lr on a second axis); ``dstrain plot`` draws the same from any run."""
 
     def __init__(self, metrics_path: Path, png_path: Path) -> None:
         self.metrics_path = metrics_path
         self.png_path = png_path
 
     def on_train_end(self, trainer: Any) -> None:
-        plot_loss_curve(self.metrics_path, self.png_path)
+        from trainer.plots import plot_metrics
 
-
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
-    """Draw train and eval loss against the optimizer step; None when there is nothing to draw."""
-    if not metrics_path.is_file():
-        return None
-    train, evals = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "eval_loss" in record:
-            evals.append((record["step"], record["eval_loss"]))
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+        plot_metrics([self.metrics_path], self.png_path)
 
 
 def perplexity(loss: float) -> float:
@@ -363,10 +342,26 @@ def perplexity(loss: float) -> float:
 
 
 def callbacks_for(
-    job: Any, dist: DistInfo, total_steps: int, console_handler: ConsoleHandler | None = None
+    job: Any,
+    dist: DistInfo,
+    total_steps: int,
+    console_handler: ConsoleHandler | None = None,
+    model_config: Any = None,
 ) -> list[Callback]:
     """Measurements on every rank; files and progress on rank 0 only."""
-    callbacks: list[Callback] = [Throughput(), Memory(dist.device)]
+    from trainer.errors import ConfigError
+    from trainer.flops import device_peak_tflops, flops_per_token
+
+    try:
+        flops = flops_per_token(model_config, job.data.max_seq_len) if model_config is not None else None
+    except ConfigError:  # an architecture the FLOPs count does not know: MFU stays null
+        flops = None
+    peak = (
+        device_peak_tflops(job.log.peak_tflops)
+        if dist.device.startswith("cuda") or job.log.peak_tflops
+        else None
+    )
+    callbacks: list[Callback] = [Throughput(flops, peak), Memory(dist.device)]
     if not dist.is_main:
         return callbacks
     out = Path(job.output_dir)

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from trainer.config import JobConfig, LoraConfig, ModelConfig
 from trainer.ds_config import Precision
 from trainer.errors import ConfigError
+from trainer.loss import enable_chunked_loss
 
 log = logging.getLogger("dstrain")
 
@@ -243,4 +244,6 @@ def build_model(
         apply_gradient_checkpointing(model)
     if job.lora.enabled:
         model = apply_lora(model, job.lora)
+    if cfg.loss == "chunked":
+        enable_chunked_loss(model)  # before deepspeed.initialize: ZeRO-3 hooks the modules then
     return model

@@ -47,7 +47,12 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     dstrain = Path(sys.executable).parent / "dstrain"
-    proc = run_group([str(dstrain), "run", str(path), "--gpus", "2", "--zero.stage", "3"], cwd=root)
+    # Rank 0 pauses SLEEP_S inside each eval: tokens/s must not count it (test below).
+    proc = run_group(
+        [str(dstrain), "run", str(path), "--gpus", "2", "--zero.stage", "3"],
+        cwd=root,
+        DSTRAIN_FAULT="sleep_rank0_in_eval",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root / "run", proc
 
@@ -70,7 +75,20 @@ def test_metrics_jsonl_has_the_documented_fields_and_the_loss_falls(run_dir):
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
     for r in train:
-        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "time"} <= set(r)
+        assert {
+            "step",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens",
+            "tokens_per_s",
+            "time",
+            "mfu",
+            "mem_gb",
+            "data_wait_s",
+        } <= set(r)
+        assert r["mfu"] is None, "no MFU on a CPU (no dense peak to divide by), never a made-up number"
+        assert r["mem_gb"] > 0 and r["data_wait_s"] >= 0 and r["tokens_per_s"] > 0
     tokens = [r["tokens"] for r in train]
     assert tokens == sorted(tokens) and tokens[0] > 0
     # Non-pad tokens of all ranks: at most micro x seq x accum x ranks per step.
@@ -79,6 +97,20 @@ def test_metrics_jsonl_has_the_documented_fields_and_the_loss_falls(run_dir):
     assert [r["step"] for r in evals] == [12, 24]
     for r in evals:
         assert r["eval_ppl"] == pytest.approx(2.718281828 ** r["eval_loss"], rel=1e-6)
+
+
+def test_tokens_per_s_leaves_out_the_time_spent_in_evals(run_dir):
+    """Step time implied by the records (tokens of each window over its tokens/s) stays below the
+    run's elapsed time minus the pause of the eval at step 12 (rank 0 sleeps SLEEP_S in it, after
+    each eval batch): a slow eval never drags tokens/s down."""
+    from trainer.faults import SLEEP_S
+
+    out, _ = run_dir
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "loss" in r]
+    windows = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + train, train, strict=False)]
+    step_seconds = sum(n / r["tokens_per_s"] for n, r in zip(windows, train, strict=True))
+    assert step_seconds <= train[-1]["time"] - SLEEP_S + 0.5, (step_seconds, train[-1]["time"])
 
 
 def test_only_rank0_reports_progress(run_dir):

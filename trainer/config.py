@@ -184,8 +184,10 @@ class LogConfig(ConfigBase):
     progress: bool = opt(True, "Show a rich progress display on rank 0 (off when not a terminal).")
     tensorboard: bool = opt(False, "Also write TensorBoard events to <output_dir>/tb (needs [track]).")
     plot: bool = opt(True, "Write <output_dir>/loss_curve.png at the end.")
-    sample_prompt: str | None = opt(None, "Generate from this prompt after training and log the text.")
-    sample_tokens: int = opt(48, "Tokens to generate for sample_prompt.")
+    sample_prompts: list[str] = opt(
+        list, "Prompts to continue at every eval; the texts go to <output_dir>/samples.jsonl and the log."
+    )
+    sample_tokens: int = opt(48, "Tokens to generate per sample prompt.")
     doc_ids: bool = opt(False, "Record each logged step's document ids in metrics.jsonl (an all-gather).")
     peak_tflops: float | None = opt(
         None,

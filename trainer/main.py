@@ -107,7 +107,7 @@ def run(
         train_data,
         eval_batches,
         total_steps,
-        callbacks_for(job, dist, total_steps, console, engine.module.config),
+        callbacks_for(job, dist, total_steps, console, engine.module.config, tokenizer),
         preemption=preemption,
     )
     trainer.checkpointer = ckpt.Checkpointer(
@@ -136,11 +136,7 @@ def run(
                 "stopped by a signal after saving step %d; exit %d", trainer.state.step, PREEMPTED_EXIT_CODE
             )
             return PREEMPTED_EXIT_CODE
-    final = export_final(job, engine, tokenizer, dist, fresh=trainer.state.last_save_step != resumed_at)
-    if dist.is_main and job.log.sample_prompt and final.name == "hf":
-        from trainer.generate import generate_text
-
-        log.info("sample: %s", generate_text(final, job.log.sample_prompt, job.log.sample_tokens))
+    export_final(job, engine, tokenizer, dist, fresh=trainer.state.last_save_step != resumed_at)
     return 0
 
 

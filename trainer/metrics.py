@@ -347,6 +347,7 @@ def callbacks_for(
     total_steps: int,
     console_handler: ConsoleHandler | None = None,
     model_config: Any = None,
+    tokenizer: Any = None,
 ) -> list[Callback]:
     """Measurements on every rank; files and progress on rank 0 only."""
     from trainer.errors import ConfigError
@@ -362,6 +363,11 @@ def callbacks_for(
         else None
     )
     callbacks: list[Callback] = [Throughput(flops, peak), Memory(dist.device)]
+    if job.log.sample_prompts and tokenizer is not None:
+        from trainer.generate import Samples
+
+        path = Path(job.output_dir) / "samples.jsonl"
+        callbacks.append(Samples(job.log.sample_prompts, job.log.sample_tokens, tokenizer, path, job.seed))
     if not dist.is_main:
         return callbacks
     out = Path(job.output_dir)

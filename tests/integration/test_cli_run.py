@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory, tiny_tokenizer_dir, tiny_corpus):
             "eval_every": 12,
             "save_every": 12,
         },
-        "log": {"sample_prompt": "doc 1:", "sample_tokens": 8},
+        "log": {"sample_prompts": ["doc 1:", "the river"], "sample_tokens": 8},
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -120,7 +120,15 @@ def test_only_rank0_reports_progress(run_dir):
     assert not [line for line in log.splitlines() if line.startswith("[rank1]") and " INFO " in line]
     both = proc.stdout + proc.stderr
     assert not [line for line in both.splitlines() if line.startswith("[rank1]") and " INFO " in line]
-    assert "sample:" in log
+    assert "sample at step 24: 'doc 1:' ->" in log
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in samples] == [
+        (12, "doc 1:"),
+        (12, "the river"),
+        (24, "doc 1:"),
+        (24, "the river"),
+    ]
+    assert all(r["text"].strip() for r in samples), "the model wrote something"
 
 
 def test_outputs_people_use(run_dir):

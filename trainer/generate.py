@@ -70,9 +70,14 @@ class Samples(Callback):
         try:
             texts = [
                 generate(
-                    model, self.tokenizer, prompt, self.max_new_tokens, self.seed + record["step"], synced
+                    model,
+                    self.tokenizer,
+                    prompt,
+                    self.max_new_tokens,
+                    self.seed + 1000 * record["step"] + i,
+                    synced,
                 )
-                for prompt in self.prompts
+                for i, prompt in enumerate(self.prompts)
             ]
         finally:
             model.train(was_training)

@@ -10,6 +10,7 @@ node, with SLURM into ``export`` lines of the sbatch script.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ from trainer.errors import ConfigError
 FORWARDED_PREFIXES: tuple[str, ...] = ("NCCL_", "GLOO_", "TORCH_NCCL_", "CUDA_")
 FORWARDED_NAMES: tuple[str, ...] = ("HF_HOME", "PYTHONPATH")
 NEVER_FORWARDED: frozenset[str] = frozenset({"CUDA_VISIBLE_DEVICES"})
+# Names that hold credentials (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY...): they travel by
+# reference (the script re-exports what the submitting shell has) and are never printed.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+def is_secret(name: str) -> bool:
+    return bool(SECRET_NAME.search(name))
+
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -86,5 +96,10 @@ def write_deepspeed_env(env: Mapping[str, str], path: Path) -> Path:
         if "\n" in value:
             raise ConfigError(f"${name} holds a newline and cannot be forwarded through {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{name}={value}\n" for name, value in env.items()), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    # Only its owner may read it: a forwarded secret (--env HF_TOKEN) is in it as a value.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(f"{name}={value}\n" for name, value in env.items()))
+    os.replace(tmp, path)
     return path

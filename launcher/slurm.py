@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.hosts import is_secret
 from trainer.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from trainer.errors import ConfigError
 
@@ -88,7 +89,12 @@ def export_lines(env: Mapping[str, str]) -> str:
     """``export NAME=value`` lines (shell-quoted) for the variables every rank must see."""
     if not env:
         return "# (no NCCL_*, GLOO_*, CUDA_*, HF_HOME, PYTHONPATH or --env variables were set when this was rendered)"
-    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
+    return "\n".join(
+        f"export {name}  # a secret: taken from the environment you submit from, never written here"
+        if is_secret(name)
+        else f"export {name}={shlex.quote(value)}"
+        for name, value in env.items()
+    )
 
 
 def render_sbatch(job: SlurmJob, template: Path = TEMPLATE) -> str:

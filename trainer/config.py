@@ -41,6 +41,10 @@ class ModelConfig(ConfigBase):
         "auto", "Attention kernel; auto = flash_attention_2 when usable (CUDA, bf16/fp16), else sdpa."
     )
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
+    trust_remote_code: bool = opt(
+        False,
+        "Run Python code shipped with the weights/tokenizer (custom architectures); only for sources you trust.",
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "Training precision; auto = bf16 on GPUs that support it, else fp32."
     )
@@ -233,6 +237,7 @@ class JobConfig(ConfigBase):
 
     @property
     def tokenizer_path(self) -> str:
+        """The tokenizer's dir or hub id: ``tokenizer``, else the pretrained weights'."""
         return self.tokenizer or str(self.model.name_or_path)
 
     def to_yaml(self) -> str:

@@ -137,6 +137,8 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     model_file = ckpt / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise CheckpointError(f"{ckpt} holds no DeepSpeed model states (expected {model_file.name})")
+    # DeepSpeed pickles its own objects (its config, ZeRO enums) beside the tensors: only our own
+    # checkpoints are read here, verified against their manifest first.
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 

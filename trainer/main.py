@@ -80,7 +80,7 @@ def run(
     resume_path = ckpt.resolve_resume(resume, job.output_dir, dist)
     if resume_path is not None:  # fail fast on an architecture change, before building anything
         ckpt.check_resume_config(ckpt.saved_config(resume_path), job)
-    tokenizer = load_tokenizer(job.tokenizer_path)
+    tokenizer = load_tokenizer(job.tokenizer_path, job.model.trust_remote_code)
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
     eval_batches = build_eval_batches(job.data, tokenizer, dist, job.train.micro_batch_size)
     total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())

@@ -40,6 +40,27 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
+def warn_remote_code(cfg: ModelConfig) -> None:
+    if cfg.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code: true runs the Python files that come with %s with this job's rights; "
+            "only for sources you trust",
+            cfg.name_or_path or cfg.config,
+        )
+
+
+def load_error(exc: Exception, what: str) -> ConfigError:
+    """One line from a transformers loading error; custom code gets the flag that allows it."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "custom code" in first or "trust_remote_code" in first:
+        where = what.split(" could not")[0].split(" is neither")[0]
+        return ConfigError(
+            f"{where} ships its own Python code (a custom architecture or tokenizer); set "
+            "--model.trust_remote_code true if you trust that source"
+        )
+    return ConfigError(f"{what}: {first}")
+
+
 def load_architecture(cfg: ModelConfig) -> PretrainedConfig:
     """The architecture config: a built-in preset, a dir with config.json, or a hub id."""
     source = cfg.config or cfg.name_or_path
@@ -50,12 +71,12 @@ def load_architecture(cfg: ModelConfig) -> PretrainedConfig:
         data = json.loads(preset.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"--model.config {source!r} is neither a preset ({', '.join(preset_names())}) "
-            f"nor a dir/hub id with a config.json: {first}"
+        flag = "--model.config" if cfg.config else "--model.name_or_path"
+        raise load_error(
+            exc,
+            f"{flag} {source!r} is neither a preset ({', '.join(preset_names())}) nor a dir/hub id with a config.json",
         ) from None
 
 
@@ -144,12 +165,14 @@ def load_pretrained(cfg: ModelConfig, attn: str) -> torch.nn.Module:
     """Weights from a local dir or a hub id, in fp32 (DeepSpeed casts and keeps master weights)."""
     try:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, attn_implementation=attn, dtype=torch.float32
+            cfg.name_or_path,
+            attn_implementation=attn,
+            dtype=torch.float32,
+            trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"--model.name_or_path {cfg.name_or_path!r} could not be loaded as a causal LM: {first}"
+        raise load_error(
+            exc, f"--model.name_or_path {cfg.name_or_path!r} could not be loaded as a causal LM"
         ) from None
 
 
@@ -226,6 +249,7 @@ def build_model(
     under ZeRO-3, see :func:`zero3_init`), then gradient checkpointing and LoRA when asked."""
     cfg = job.model
     attn = select_attention(cfg.attn_implementation, on_gpu, precision)
+    warn_remote_code(cfg)
     if cfg.name_or_path:
         with zero3_init(ds_config):
             model = load_pretrained(cfg, attn)

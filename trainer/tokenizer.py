@@ -13,10 +13,12 @@ from trainer.errors import ConfigError
 EOS = "<|endoftext|>"
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """A fast tokenizer from a local dir or a hub id; pad falls back to EOS (masked by labels)."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer from a local dir or a hub id; pad falls back to EOS (masked by labels).
+    ``trust_remote_code`` (``model.trust_remote_code``) allows a tokenizer's own Python code.
+    Hub credentials come from the environment (``HF_TOKEN``), never from a recipe."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--tokenizer {name_or_path!r} could not be loaded: {first}") from None

@@ -148,7 +148,9 @@ class TrainConfig(ConfigBase):
         5, "Stop after this many non-finite (NaN/Inf) steps in a row; each is skipped (0 = never stop)."
     )
     collective_timeout_s: float = opt(
-        1800.0, "Seconds a rank waits in a collective before the run stops, naming the rank and the phase."
+        1800.0,
+        "Seconds a rank waits in a collective before the run stops, naming the rank and the phase "
+        "(NCCL and gloo; DeepSpeed's shared-memory all-reduce of single-node CPU runs has no timeout).",
     )
 
     def __post_init__(self) -> None:

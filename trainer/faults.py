@@ -10,7 +10,9 @@ action, the rank it hits, the point in the code and optionally the optimizer ste
 - ``nan_rank1_in_step:5``     make rank 1's loss NaN in the step that becomes step 5;
 - ``nan_rank1_in_step:5x3``   the same three times (a skipped step is tried again as step 5);
 - ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests);
-- ``sleep_rank0_in_eval``     a 2 s pause inside every eval (a slow eval).
+- ``sleep_rank0_in_eval``     a 2 s pause inside every eval (a slow eval);
+- ``hang_rank1_in_plan:3``    a 20 s stall before step 3's agreement (a stuck rank);
+- ``oldtorch_rank1_at_start`` rank 1 reports torch 0.0.0 in the start-up version check.
 
 A spec fires once per process unless it says ``x<times>``. Unset (every real run), :func:`fault`
 returns None after one dict lookup.
@@ -27,6 +29,7 @@ log = logging.getLogger("dstrain")
 
 FAULT_ENV = "DSTRAIN_FAULT"
 SLEEP_S = 2.0
+HANG_S = 20.0
 
 
 _fired: dict[str, int] = {}
@@ -50,7 +53,7 @@ def fault(point: str, step: int, rank: int) -> str | None:
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
-        if action == "sleep":
-            time.sleep(SLEEP_S)
+        if action in ("sleep", "hang"):
+            time.sleep(SLEEP_S if action == "sleep" else HANG_S)
         return action
     return None

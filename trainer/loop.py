@@ -156,6 +156,7 @@ class Trainer:
     def _plan_step(self) -> StepPlan:
         """Pull this rank's micro-batches and agree with the other ranks (one all-reduce)."""
         accum = self.job.train.grad_accum
+        fault("in_plan", self.state.step + 1, self.dist.rank)  # tests: a rank that stalls here
         started = time.perf_counter()
         micro: list[Batch] = []
         failed: Exception | None = None
@@ -271,7 +272,13 @@ class Trainer:
                 f"epoch {self.state.epoch} has no target tokens on any rank: every document was "
                 "empty, skipped or fully masked; check data.train and the text column or format"
             )
+        # Ranks hold equal rows, not equal tokens: how far apart they ended (once per epoch).
+        per_rank = all_gather_objects(self.train_data.batches_in_epoch, self.dist, "the end of an epoch")
         self.train_data.end_epoch()
+        self._emit(
+            "on_epoch_end",
+            {"step": self.state.step, "epoch_end": self.state.epoch, "micro_batches_per_rank": per_rank},
+        )
         self.state.epoch += 1
         self._stream = None
         self._steps_in_epoch = 0

@@ -138,6 +138,8 @@ class Callback:
 
     def on_eval(self, trainer: Any, record: dict[str, Any]) -> None: ...
 
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None: ...
+
     def pre_save(self, trainer: Any) -> None: ...
 
     def post_save(self, trainer: Any) -> None: ...
@@ -259,6 +261,16 @@ class MetricsFile(Callback):
         self._write(record)
         log.info(
             "eval step %d | loss %.4f | ppl %.2f", record["step"], record["eval_loss"], record["eval_ppl"]
+        )
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        self._write(record)
+        counts = record["micro_batches_per_rank"]
+        log.info(
+            "epoch %d ended at step %d: micro-batches per rank %s (the shorter ranks ran one-token fillers)",
+            record["epoch_end"],
+            record["step"],
+            counts,
         )
 
 

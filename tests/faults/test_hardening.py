@@ -75,6 +75,32 @@ def test_out_of_memory_is_one_line_with_what_to_try(root, tiny_tokenizer_dir):
     assert "Traceback" not in out
 
 
+def test_a_stuck_rank_is_named_with_the_phase_not_a_hang(root, tiny_tokenizer_dir):
+    """Rank 1 stalls 20 s before step 3 while rank 0 waits in the step's agreement with
+    train.collective_timeout_s 5: rank 0 stops with one line naming itself and the phase."""
+    name = "stuck"
+    recipe = runs.make_recipe(
+        root, tiny_tokenizer_dir, name, train={"max_steps": 10, "save_every": 0, "collective_timeout_s": 5}
+    )
+    code, out = runs.run(recipe, env={"DSTRAIN_FAULT": "hang_rank1_in_plan:3"})
+    assert code != 0, out[-4000:]
+    errors = [e for e in error_lines(out) if "[rank0]" in e]
+    assert errors and "rank 0 timed out waiting for the other ranks in the start of step 3" in errors[0], out[
+        -4000:
+    ]
+    assert "[rank0]: Traceback" not in out
+
+
+def test_different_library_versions_across_ranks_stop_the_run_at_start(root, tiny_tokenizer_dir):
+    name = "versions"
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"max_steps": 2})
+    code, out = runs.run(recipe, env={"DSTRAIN_FAULT": "oldtorch_rank1_at_start"})
+    assert code == 2, out[-4000:]
+    errors = error_lines(out)
+    assert errors and "the ranks run different library versions (rank 0: torch 2" in errors[0], errors
+    assert "rank 1: torch 0.0.0" in errors[0] and not (root / name / "metrics.jsonl").exists()
+
+
 def mount_tmpfs(path, size_bytes: int) -> str | None:
     """Mount a tmpfs of ``size_bytes`` at ``path``; the reason it could not be done, or None."""
     if os.geteuid() != 0 or shutil.which("mount") is None:

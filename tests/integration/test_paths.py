@@ -168,25 +168,36 @@ def test_a_bf16_run_exports_bf16_by_default(root, tiny_tokenizer_dir):
     assert torch.equal(logits(root / "bf16_export", torch.bfloat16), want)
 
 
-def test_an_epoch_trains_every_document_with_a_partial_last_step(root, tiny_tokenizer_dir):
-    """Two ranks, one epoch, grad_accum 3, nothing held out: the union of the documents of all
-    steps (from their ids) is every document of the corpus, including the micro-batches of the
-    epoch's last, partial optimizer step."""
-    import pyarrow.parquet as pq
+def test_uneven_ranks_end_the_epoch_together_and_train_every_document(root, tiny_tokenizer_dir):
+    """Two ranks, one epoch, grad_accum 3, nothing held out, and one rank's shard far smaller
+    than the other's (two files of equal rows, one of short documents, one of long ones: each
+    rank reads one). The run exits 0, the shorter rank ran one-token fillers until the other was
+    done (the epoch record shows both ranks' micro-batch counts), and the union of the documents
+    of all steps is every document, the epoch's last, partial optimizer step included."""
+    from tests.helpers import make_docs, write_parquet
 
-    name = "epoch"
+    name = "uneven"
     out = root / name
+    short = write_parquet(
+        root / "uneven" / "data" / "a.parquet", make_docs(60, seed=3, min_words=2, max_words=5), 0, 60
+    )
+    long = write_parquet(
+        root / "uneven" / "data" / "b.parquet", make_docs(60, seed=4, min_words=30, max_words=50), 100, 60
+    )
     recipe = runs.make_recipe(
         root,
         tiny_tokenizer_dir,
         name,
-        data={"validation_fraction": 0.0},
+        data={"train": [str(short), str(long)], "validation_fraction": 0.0},
         train={"max_steps": None, "epochs": 1, "grad_accum": 3, "save_every": 0, "eval_every": 0},
     )
     code, log = runs.run(recipe)
     assert code == 0, log[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (ended,) = [r for r in records if "epoch_end" in r]
+    small, large = sorted(ended["micro_batches_per_rank"])
+    assert small <= 0.7 * large, f"the ranks' shards should differ by 30% or more: {ended}"
     got = runs.metrics(out)
+    assert max(got) == ended["step"] == len(got), "the epoch ended at one step on every rank, all logged"
     trained = {d for record in got.values() for d in record["doc_ids"]}
-    corpus = {d for p in (root / "data").glob("*.parquet") for d in pq.read_table(p)["doc_id"].to_pylist()}
-    assert trained == corpus, f"{len(corpus - trained)} documents were never trained"
-    assert max(got) == len(got), "every step was logged (log_every 1)"
+    assert trained == set(range(60)) | set(range(100, 160)), "every document is trained"

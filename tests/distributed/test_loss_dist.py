@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import REPO
-from tests.launch import read_results, run_deepspeed
+from tests.launch import read_results, run_ranks
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
 
 
 def test_zero3_chunked_loss_matches_plain_losses_and_weights(tmp_path):
-    run_deepspeed(WORLD, REPO / "tests/distributed/workers/loss_checks.py", [str(tmp_path)])
+    run_ranks(WORLD, REPO / "tests/distributed/workers/loss_checks.py", [str(tmp_path)])
     results = read_results(tmp_path, WORLD)
     main = results[0]
     for facts in (main["plain_facts"], main["chunked_facts"]):

@@ -12,15 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-import trainer.train_module as train_module
 from tests.distributed.workers.common import VOCAB, global_rows, micro_batches, tiny_job
 from tests.helpers import tiny_model
 from tests.launch import worker_args
-from trainer.checkpoint import consolidated_state_dict
-from trainer.dist import DistInfo, init_distributed
+from trainer.export import consolidated_state_dict
+from trainer.dist import DistInfo, all_reduce_sum, init_distributed
+from trainer.ds_config import build_ds_config
 from trainer.engine import build_engine
-from trainer.loss import causal_lm_of, enable_chunked_loss, summed_loss, uses_chunked_loss
-from trainer.train_module import TrainModule
+from trainer.loss import causal_lm_of, enable_chunked_loss, uses_chunked_loss
+from trainer.train_module import TrainModule, target_count
 
 STEPS = 5
 # Three tokens per chunk at VOCAB 128: every micro-batch spans several chunks.
@@ -33,7 +33,7 @@ def train(dist: DistInfo, chunked: bool) -> tuple[list[float], dict, dict]:
     facts = {}
     if chunked:
         facts["enabled"] = enable_chunked_loss(model, chunk_bytes=CHUNK_BYTES)
-    engine, _ = build_engine(job, model, "fp32", on_gpu=False, total_steps=STEPS)
+    engine = build_engine(job, model, build_ds_config(job, "fp32", on_gpu=False), STEPS)
     if not chunked:  # after initialize, ZeRO-3 would not gather a new head: refused
         try:
             enable_chunked_loss(engine)
@@ -47,18 +47,18 @@ def train(dist: DistInfo, chunked: bool) -> tuple[list[float], dict, dict]:
         tied=head is causal.get_input_embeddings().weight,
         head_partitioned=hasattr(head, "ds_id") and head.numel() == 0,
     )
-    train_module.summed_loss = summed_loss if chunked else plain_summed_loss
     module = TrainModule(engine, dist)
     losses = []
     for step in range(STEPS):
         rows = global_rows(step, dist.world_size, rows_per_rank=4)[dist.rank]
-        losses.append(module.train_step(micro_batches(rows, 2)).loss)
+        batches = micro_batches(rows, 2)
+        (targets,) = all_reduce_sum([sum(target_count(b) for b in batches)], dist)
+        result = module.train_step(batches, int(targets), step)
+        (loss_sum,) = all_reduce_sum([float(result.loss_sum)], dist)
+        losses.append(loss_sum / targets)
     probe = micro_batches(global_rows(99, dist.world_size, rows_per_rank=2)[dist.rank], 2)[0]
-    facts["eval_sum"], facts["eval_targets"] = module.eval_sums(probe, probe)
+    facts["eval_sum"], facts["eval_targets"] = module.eval_sums(probe)
     return losses, consolidated_state_dict(engine), facts
-
-
-plain_summed_loss = train_module.summed_loss
 
 
 def main() -> None:

@@ -215,9 +215,11 @@ class Trainer:
     def _first_train_like_batch(self) -> Batch:
         import torch
 
+        from trainer.data.packing import IGNORE_INDEX
+
         size = (self.job.train.micro_batch_size, 8)
         zeros = torch.zeros(size, dtype=torch.long)
-        return {"input_ids": zeros, "labels": zeros - 100, "position_ids": zeros}
+        return {"input_ids": zeros, "labels": torch.full_like(zeros, IGNORE_INDEX), "position_ids": zeros}
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:

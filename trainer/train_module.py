@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trainer.data.packing import IGNORE_INDEX
 from trainer.dist import DistInfo, all_reduce_sum
 
 Batch = dict[str, torch.Tensor]
@@ -34,7 +35,7 @@ class StepResult:
 
 def target_count(batch: Batch) -> int:
     """Tokens that carry a loss: labels are shifted inside the model, so count labels[:, 1:]."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def token_count(batch: Batch) -> int:
@@ -54,7 +55,7 @@ def summed_loss(model: Any, batch: Batch, device: str) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
         labels[:, 1:].reshape(-1),
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
@@ -97,6 +98,6 @@ class TrainModule:
         """
         if batch is None:
             batch = dict(template)
-            batch["labels"] = torch.full_like(template["labels"], -100)
+            batch["labels"] = torch.full_like(template["labels"], IGNORE_INDEX)
         self.engine.eval()
         return float(summed_loss(self.engine, batch, self.dist.device)), target_count(batch)

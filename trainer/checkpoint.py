@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from trainer.config import JobConfig, build_config
+from trainer.data.config import FORMATTING_KEYS
 from trainer.dist import DistInfo
 from trainer.errors import CheckpointError
 
@@ -186,6 +187,7 @@ DATA_POSITION_KEYS = (
     "data.pack",
     "data.max_samples",
     "seed",
+    *(f"data.{key}" for key in FORMATTING_KEYS),  # how records become samples
 )
 
 

@@ -1,6 +1,11 @@
 """Pack or pad: token chunks -> fixed rows -> micro-batches.
 
-Policy (``data.pack: true``):
+A chunk is ``(doc_id, ids, loss_mask)``: ``loss_mask`` (uint8, 1 = target) comes from formatting
+(:mod:`trainer.data.formatting`) and travels with the ids through the shuffle buffer, the packer
+and its saved carry; ``None`` means every token is a target (pretraining pays for no mask array).
+``labels`` are the ids where the mask is 1 and ``IGNORE_INDEX`` elsewhere.
+
+Policy (``data.pack: true``), documents (format text):
 
 - every document is tokenized without special tokens and gets EOS appended; documents longer
   than ``max_seq_len`` were already cut into ``max_seq_len`` chunks before the shuffle buffer;
@@ -10,19 +15,25 @@ Policy (``data.pack: true``):
 - ``position_ids`` restart at 0 at every piece of a document in a row, the carried tail
   included (simplest correct choice: the tail cannot attend to its head in the previous row,
   so continuing its positions would only pretend it could);
-- ``labels`` are the input ids, except -100 on the first token of every piece after the first
-  in a row (predicting it would cross a document boundary) and on padding. Labels are not
-  shifted; the model shifts them;
+- ``labels`` are the input ids (where the mask is 1), except ``IGNORE_INDEX`` on the first token
+  of every piece after the first in a row (predicting it would cross a document boundary) and
+  on padding. Labels are not shifted; the model shifts them;
 - no ``attention_mask``: with ``attention_mask=None`` transformers' ``masking_utils``
   (``find_packed_sequence_indices``) turns restarting ``position_ids`` into a block-diagonal
   causal mask for sdpa/eager, and flash-attention-2 uses them as varlen boundaries. Pass
   ``use_cache=False`` in training: with a KV cache the detection is skipped.
 
-Policy (``data.pack: false``): every chunk (<= ``max_seq_len`` tokens, no EOS added) is one
-row; a batch is right-padded to its longest row, with ``attention_mask`` 0 and labels -100 on
-padding.
+SFT samples (``Packer(split=False)``) are never split: a sample that does not fit the rest of a
+row closes that row (its tail is padding) and becomes the carry that starts the next one, so a
+row holds whole samples, each with ``position_ids`` from 0. Samples were truncated to
+``max_seq_len`` before, so every sample fits an empty row. The padding this leaves is the
+price of whole samples; ``scripts/bench_sft.py`` measures it (slot efficiency).
 
-Filler rows (labels all -100, ``doc_ids`` -1) complete a shard's last batch and make up the
+Policy (``data.pack: false``): every chunk (<= ``max_seq_len`` tokens, no EOS added to documents)
+is one row; a batch is right-padded to its longest row, with ``attention_mask`` 0 and labels
+``IGNORE_INDEX`` on padding.
+
+Filler rows (labels all ``IGNORE_INDEX``, ``doc_ids`` -1) complete a shard's last batch and make up the
 empty batches a rank yields while others still have data; in padded batches their
 ``attention_mask`` is 1 on the first position only, so no attention row is empty (an all-masked
 row gives NaN in sdpa).
@@ -43,9 +54,11 @@ from typing import TypedDict
 import numpy as np
 import torch
 
+#: The label of a position that takes no loss (padding, prompts, filler rows): the one definition.
 IGNORE_INDEX = -100
 
-Chunk = tuple[int, np.ndarray]  # (doc id, token ids int32)
+#: (doc id, token ids int32, loss mask uint8 or None = every token a target)
+Chunk = tuple[int, np.ndarray, np.ndarray | None]
 
 
 class Batch(TypedDict, total=False):
@@ -66,18 +79,30 @@ class Row(TypedDict):
 
 
 def chunk_document(doc_id: int, tokens: np.ndarray, max_seq_len: int) -> list[Chunk]:
-    """Cut a document into pieces of at most ``max_seq_len`` tokens."""
+    """Cut a document (every token a target) into pieces of at most ``max_seq_len`` tokens."""
     if len(tokens) <= max_seq_len:
-        return [(doc_id, tokens)]
-    return [(doc_id, tokens[i : i + max_seq_len]) for i in range(0, len(tokens), max_seq_len)]
+        return [(doc_id, tokens, None)]
+    return [(doc_id, tokens[i : i + max_seq_len], None) for i in range(0, len(tokens), max_seq_len)]
+
+
+def targets(tokens: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Labels of a chunk: its ids where the mask is 1, IGNORE_INDEX elsewhere."""
+    if mask is None:
+        return tokens
+    return np.where(mask.astype(bool), tokens, IGNORE_INDEX)
 
 
 class Packer:
-    """Fills rows of exactly ``seq_len`` tokens from chunks; the unplaced tail is ``carry``."""
+    """Fills rows of exactly ``seq_len`` tokens from chunks; the unplaced chunk (or tail) is ``carry``.
 
-    def __init__(self, seq_len: int, pad_id: int) -> None:
+    ``split`` (documents): a chunk that does not fit is cut and its tail carried; without it (SFT
+    samples) the whole chunk is carried to the next row.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, split: bool = True) -> None:
         self.seq_len = seq_len
         self.pad_id = pad_id
+        self.split = split
         self.carry: Chunk | None = None
 
     def next_row(self, pull: Callable[[], Chunk | None]) -> Row | None:
@@ -95,17 +120,20 @@ class Packer:
                 chunk = pull()
                 if chunk is None:
                     break
-            doc, tokens = chunk
+            doc, tokens, mask = chunk
+            if not self.split and len(tokens) > T - fill and fill > 0:
+                self.carry = chunk  # a whole sample starts the next row
+                break
             n = min(len(tokens), T - fill)
             input_ids[fill : fill + n] = tokens[:n]
-            labels[fill : fill + n] = tokens[:n]
+            labels[fill : fill + n] = targets(tokens[:n], None if mask is None else mask[:n])
             if fill > 0:
                 labels[fill] = IGNORE_INDEX  # no loss across a document boundary
             position_ids[fill : fill + n] = np.arange(n)
             doc_ids[fill : fill + n] = doc
             fill += n
             if n < len(tokens):
-                self.carry = (doc, tokens[n:])
+                self.carry = (doc, tokens[n:], None if mask is None else mask[n:])
         if fill == 0:
             return None
         if fill < T:
@@ -114,12 +142,12 @@ class Packer:
 
 
 def chunk_row(chunk: Chunk) -> Row:
-    """One unpacked row: a chunk as is (labels = ids, positions from 0)."""
-    doc, tokens = chunk
+    """One unpacked row: a chunk as is (labels = ids where the mask is 1, positions from 0)."""
+    doc, tokens, mask = chunk
     ids = tokens.astype(np.int64)
     return Row(
         input_ids=ids,
-        labels=ids.copy(),
+        labels=targets(ids, mask).copy(),
         position_ids=np.arange(len(ids), dtype=np.int64),
         doc_ids=np.full(len(ids), doc, dtype=np.int64),
     )
@@ -154,5 +182,5 @@ def collate(rows: list[Row], micro_batch_size: int, pad_id: int, pack: bool, seq
 
 
 def filler_batch(micro_batch_size: int, pad_id: int, pack: bool, seq_len: int) -> Batch:
-    """A batch with no target tokens (all labels -100): what a rank out of data yields."""
+    """A batch with no target tokens (all labels IGNORE_INDEX): what a rank out of data yields."""
     return collate([], micro_batch_size, pad_id, pack, seq_len if pack else 1)

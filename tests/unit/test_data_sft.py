@@ -25,7 +25,7 @@ from tests.unit.test_data_formatting import bpe_file, chat_tokenizer  # noqa: F4
 from trainer.data import build_eval_batches, build_train_data, write_tokenized_shard
 from trainer.data.config import DataConfig
 from trainer.data.formatting import Formatter
-from trainer.data.packing import IGNORE_INDEX
+from trainer.data.packing import IGNORE_INDEX, Packer
 from trainer.dist import DistInfo
 from trainer.errors import DataError
 
@@ -144,6 +144,23 @@ def test_padded_batches_supervise_eos_not_padding(tmp_path, bpe_file, pad_is_eos
     assert seen == len(want) == 20
 
 
+def test_packer_window_tops_rows_up_with_later_samples():
+    """window 0: a sample that does not fit closes the row; window 2: up to 2 are set aside while
+    later samples fill the row, and start the next rows, oldest first. Samples are never cut."""
+    lengths = [6, 6, 3, 4, 1, 5, 2]
+
+    def rows(window):
+        it = iter([(d, np.arange(100 * d, 100 * d + n), np.ones(n, np.uint8)) for d, n in enumerate(lengths)])
+        packer, out = Packer(seq_len=10, pad_id=0, window=window), []
+        while (row := packer.next_row(lambda: next(it, None))) is not None:
+            docs = row["doc_ids"].tolist()
+            out.append([d for i, d in enumerate(docs) if d >= 0 and (i == 0 or docs[i - 1] != d)])
+        return out
+
+    assert rows(0) == [[0], [1, 2], [3, 4, 5], [6]]
+    assert rows(2) == [[0, 2, 4], [1, 3], [5, 6]]
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
@@ -158,12 +175,12 @@ def test_resume_keeps_masks_and_carry(tmp_path, tok, pack, num_workers):
         for b in data:
             ref.append({k: v.clone() for k, v in b.items()})
             states[len(ref)] = pickle.dumps(data.state_dict())
-    carries = [
-        s for st in map(pickle.loads, states.values()) for s in st["shards"] if s["carry_tokens"] and pack
-    ]
-    if pack:
-        assert carries and all(len(s["carry_mask"]) == len(s["carry_tokens"]) for s in carries)
-        assert any(0 in s["carry_mask"] for s in carries)  # a whole sample: its prompt part is in the mask
+    pending = [p for st in map(pickle.loads, states.values()) for s in st["shards"] for p in s["pending"]]
+    if pack:  # whole samples set aside by the packer, saved with their loss mask (as runs)
+        assert pending and all(
+            not s["carry_tokens"] for st in map(pickle.loads, states.values()) for s in st["shards"]
+        )
+        assert all(0 < p["targets"][0][0] < p["targets"][-1][1] <= len(p["tokens"]) for p in pending)
     per_epoch = len(ref) // 2
     for k in (1, per_epoch // 2, per_epoch):
         fresh = build_train_data(cfg, tok, ONE, seed=2, micro_batch_size=2)
@@ -222,7 +239,8 @@ def test_formatting_keys_restart_the_data_position_on_resume():
 
 
 def test_reshard_hands_out_every_sample_once(tmp_path, tok):
-    """An SFT carry is a whole sample never yielded, so a re-shard (2 workers -> 1) duplicates nothing."""
+    """Samples the packer set aside are whole and were never yielded, so a re-shard (2 workers -> 1)
+    hands each out once: nothing duplicated, nothing lost."""
     records = alpaca_records(90, seed=8)
     path = write_json_records(tmp_path / "a.jsonl", records, lines=True)
     cfg2 = sft_cfg([path], num_workers=2, max_seq_len=64)
@@ -230,7 +248,7 @@ def test_reshard_hands_out_every_sample_once(tmp_path, tok):
     it = iter(data)
     before = [next(it) for _ in range(7)]
     state = data.state_dict()
-    assert any(s["carry_tokens"] for s in state["shards"])
+    assert any(s["pending"] for s in state["shards"])
     resumed = build_train_data(
         sft_cfg([path], num_workers=1, max_seq_len=64), tok, ONE, seed=4, micro_batch_size=2
     )

@@ -16,7 +16,8 @@ Stages (each a small piece of state, all in :class:`ShardStream`):
    Its state is therefore the block's start position plus an index into it, never its
    contents, and no RNG state needs saving;
 4. *pack/pad* and *batch*: :mod:`trainer.data.packing`; the packer's carry-over (< max_seq_len
-   tokens for documents, one whole sample for SFT) is saved as token ids and its loss mask.
+   tokens of a document) is saved as token ids, the SFT samples it set aside (``pending``) as
+   token ids and loss-mask runs.
 
 Restoring re-reads and re-tokenizes the current block (``buffer_size`` chunks, from at most a
 few row groups): its cost depends on the buffer and row-group sizes, never on how many
@@ -46,7 +47,7 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer.data.formatting import Formatter, Sample
-from trainer.data.packing import Batch, Chunk, Packer, chunk_document, chunk_row, collate
+from trainer.data.packing import SFT_PACK_WINDOW, Batch, Chunk, Packer, chunk_document, chunk_row, collate
 from trainer.data.sharding import (
     Segment,
     Unit,
@@ -92,10 +93,34 @@ class StreamSpec:
         self.total_rows = sum(u.rows for u in self.units)
 
 
+class SavedSample(TypedDict):
+    """An SFT sample the packer set aside, in a state: its tokens and the runs of its loss mask."""
+
+    doc: int
+    tokens: list[int]
+    targets: list[list[int]]  # [start, end) runs where the loss mask is 1
+
+
+def save_sample(chunk: Chunk) -> SavedSample:
+    doc, tokens, mask = chunk
+    assert mask is not None
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return SavedSample(doc=int(doc), tokens=tokens.tolist(), targets=edges.reshape(-1, 2).tolist())
+
+
+def load_sample(saved: SavedSample) -> Chunk:
+    tokens = np.asarray(saved["tokens"], dtype=np.int32)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    for a, b in saved["targets"]:
+        mask[a:b] = 1
+    return (saved["doc"], tokens, mask)
+
+
 class Leftover(TypedDict):
     """Chunks that a shard of a run saved on another world size had read but not handed out.
 
-    Handed out in this order: the carry (explicit tokens, < max_seq_len), then the old shard's
+    Handed out in this order: the carry (explicit tokens, < max_seq_len) and the SFT samples its
+    packer had set aside (``pending``), then the old shard's
     current block re-read from ``block_start`` and permuted as that shard did, from
     ``block_index`` on, followed by the remaining chunks of the document the block ended in.
     ``block_no`` -1 means a carry only.
@@ -108,7 +133,7 @@ class Leftover(TypedDict):
     block_index: int  # entries of (permuted block + rest of its last document) handed out
     carry_doc: int
     carry_tokens: list[int]
-    carry_mask: list[int] | None  # the carry's loss mask; None = every token a target
+    pending: list[SavedSample]
 
 
 class ShardPlan(TypedDict):
@@ -129,9 +154,9 @@ class ShardState(TypedDict):
     block_index: int  # chunks of the block already handed out
     block_len: int  # chunks in the current block (<= buffer_size)
     block_end: list[int]  # [segment, row, chunk] where the block's reading stopped
-    carry_doc: int  # packer carry-over (doc id, tokens, loss mask), -1 / [] / None when none
+    carry_doc: int  # packer carry-over of a document (doc id, tokens), -1 / [] when none
     carry_tokens: list[int]
-    carry_mask: list[int] | None  # None = every carried token is a target
+    pending: list[SavedSample]  # SFT samples the packer set aside (<= SFT_PACK_WINDOW + 1)
     docs: int  # documents read so far this epoch, as of the block start
     skipped_docs: int  # null/empty/non-string values skipped this epoch, as of the block start
     skipped_read: int  # the same, counted up to the read position (what is reported)
@@ -158,7 +183,7 @@ def fresh_state(
         block_end=[0, 0, 0],
         carry_doc=-1,
         carry_tokens=[],
-        carry_mask=None,
+        pending=[],
         docs=0,
         skipped_docs=0,
         skipped_read=0,
@@ -182,7 +207,13 @@ def _copy_leftover(lo: Leftover) -> Leftover:
         block_index=lo["block_index"],
         carry_doc=lo["carry_doc"],
         carry_tokens=list(lo["carry_tokens"]),
-        carry_mask=None if lo["carry_mask"] is None else list(lo["carry_mask"]),
+        pending=[_copy_sample(p) for p in lo["pending"]],
+    )
+
+
+def _copy_sample(saved: SavedSample) -> SavedSample:
+    return SavedSample(
+        doc=saved["doc"], tokens=list(saved["tokens"]), targets=[list(t) for t in saved["targets"]]
     )
 
 
@@ -387,9 +418,11 @@ class ShardStream(IterableDataset):
             while leftovers:
                 lo = leftovers[0]
                 if lo["carry_tokens"]:
-                    chunk = carry_chunk(lo["carry_doc"], lo["carry_tokens"], lo["carry_mask"])
-                    lo["carry_doc"], lo["carry_tokens"], lo["carry_mask"] = -1, [], None
+                    chunk = carry_chunk(lo["carry_doc"], lo["carry_tokens"])
+                    lo["carry_doc"], lo["carry_tokens"] = -1, []
                     return chunk
+                if lo["pending"]:
+                    return load_sample(lo["pending"].pop(0))
                 if lo["block_no"] >= 0 and leftover_chunks is None:
                     leftover_chunks, _ = self.reread_block(
                         lo["shard"], lo["ranges"], lo["block_no"], lo["block_start"], with_tail=True
@@ -415,9 +448,10 @@ class ShardStream(IterableDataset):
             block_index += 1
             return block[block_index - 1]
 
-        packer = Packer(spec.max_seq_len, spec.pad_id, split=not spec.formatter.supervised)
+        packer = Packer(spec.max_seq_len, spec.pad_id, SFT_PACK_WINDOW if spec.formatter.supervised else None)
         if state["carry_tokens"]:
-            packer.carry = carry_chunk(state["carry_doc"], state["carry_tokens"], state["carry_mask"])
+            packer.carry = carry_chunk(state["carry_doc"], state["carry_tokens"])
+        packer.pending = [load_sample(p) for p in state["pending"]]
 
         def snapshot(done: bool) -> ShardState:
             carry = packer.carry
@@ -432,7 +466,7 @@ class ShardStream(IterableDataset):
                 block_end=list(block_end),
                 carry_doc=carry[0] if carry else -1,
                 carry_tokens=carry[1].tolist() if carry else [],
-                carry_mask=carry[2].tolist() if carry and carry[2] is not None else None,
+                pending=[save_sample(c) for c in packer.pending],
                 docs=block_counters["docs"],
                 skipped_docs=block_counters["skipped_docs"],
                 skipped_read=counters["skipped_docs"],
@@ -480,7 +514,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
         return [], [], 0
     ranges = [list(r) for r in state["ranges"]]
     leftovers: list[Leftover] = []
-    if state["carry_tokens"]:
+    if state["carry_tokens"] or state["pending"]:
         leftovers.append(
             Leftover(
                 shard=state["shard"],
@@ -490,7 +524,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
                 block_index=0,
                 carry_doc=state["carry_doc"],
                 carry_tokens=list(state["carry_tokens"]),
-                carry_mask=None if state["carry_mask"] is None else list(state["carry_mask"]),
+                pending=[_copy_sample(p) for p in state["pending"]],
             )
         )
     leftovers.extend(_copy_leftover(lo) for lo in state.get("leftovers", []))
@@ -514,7 +548,7 @@ def shard_remainder(stream: ShardStream, state: ShardState) -> tuple[list[list[i
                 block_index=state["block_index"],
                 carry_doc=-1,
                 carry_tokens=[],
-                carry_mask=None,
+                pending=[],
             )
         )
     segments = stream._segments(ranges)
@@ -550,10 +584,6 @@ def _whole_sample(doc: int, sample: Sample, max_seq_len: int, counters: dict[str
     return (doc, ids, mask)
 
 
-def carry_chunk(doc: int, tokens: list[int], mask: list[int] | None) -> Chunk:
-    """A saved carry (plain lists in the state) as a chunk again."""
-    return (
-        doc,
-        np.asarray(tokens, dtype=np.int32),
-        None if mask is None else np.asarray(mask, dtype=np.uint8),
-    )
+def carry_chunk(doc: int, tokens: list[int]) -> Chunk:
+    """A saved document carry (plain ints in the state) as a chunk again (every token a target)."""
+    return (doc, np.asarray(tokens, dtype=np.int32), None)

@@ -440,3 +440,34 @@ def test_alpaca_zh_with_qwen_through_the_pipeline():
         if targets[-1] + 1 < len(ids) or ids[-1] == im_end:  # not truncated
             assert labels[targets[-1]] == im_end
             assert qwen.decode(ids[targets].tolist()) == row["output"] + "<|im_end|>"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("instruct", [False, True])
+def test_qwen_padded_batches_pad_vs_eos(tmp_path, instruct):
+    """Qwen2.5 base (pad == eos == <|endoftext|>) and Instruct-style (eos <|im_end|>, pad
+    <|endoftext|>): the end token closing each response is a target, padding never is; with no
+    chat template the EOS after the response is a target even when it is the pad token."""
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("qwen2.5-0.5b"))
+    if instruct:
+        qwen.eos_token = "<|im_end|>"
+    assert (qwen.pad_token_id == qwen.eos_token_id) is not instruct
+    records = json.loads(shared_path("llamafactory-alpaca-zh-demo", "alpaca_zh_demo.json").read_text())[:48]
+    path = write_json_records(tmp_path / "a.jsonl", records, lines=True)
+    im_end = qwen.convert_tokens_to_ids("<|im_end|>")
+    for chat_template in ("auto", "none"):
+        cfg = sft_cfg([path], pack=False, max_seq_len=1024, chat_template=chat_template)
+        for b in build_train_data(cfg, qwen, ONE, 0, 4):
+            for r in range(4):
+                n = int(b["attention_mask"][r].sum())
+                ids, labels = b["input_ids"][r], b["labels"][r]
+                if b["doc_ids"][r, 0] < 0:
+                    continue
+                assert (labels[n:] == IGNORE_INDEX).all() and (ids[n:] == qwen.pad_token_id).all()
+                last = int(np.flatnonzero(labels[:n] != IGNORE_INDEX)[-1])
+                if chat_template == "auto":  # ... response<|im_end|> then an unsupervised newline
+                    assert ids[last] == im_end and last == n - 2
+                else:  # ... response EOS, the sample's last token
+                    assert ids[last] == qwen.eos_token_id and last == n - 1

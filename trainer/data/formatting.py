@@ -246,7 +246,7 @@ class Formatter:
                 self.response_template,
                 self.role_key,
                 self.content_key,
-                sorted(self.column_flags),
+                [(key, name) for key, name in self.cfg_columns.items() if name in self.column_flags],
             )
         )
         digest = hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]

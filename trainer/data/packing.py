@@ -30,7 +30,7 @@ a row is set aside and the row is topped up with later samples that do fit, look
 most ``SFT_PACK_WINDOW`` samples; the set-aside samples start the next rows, oldest first, and
 are saved with their masks in the packer's state (``pending``). Measured on the shared alpaca-zh
 rows with the Qwen2.5 chat template (mean 145 tokens) at ``max_seq_len`` 512: slot efficiency
-(real tokens / row slots) 0.81 when every sample that does not fit closes its row, 0.96 with a
+(real tokens / row slots) 0.82 when every sample that does not fit closes its row, 0.96 with a
 window of 16 (``scripts/bench_sft.py``; figures in docs/benchmarks.md).
 
 Policy (``data.pack: false``): every chunk (<= ``max_seq_len`` tokens, no EOS added to documents)

@@ -31,6 +31,9 @@ from trainer.faults import fault
 from trainer.metrics import Callback, MetricRecorder, perplexity
 from trainer.train_module import StepResult, TrainModule, target_count, token_count
 
+#: Per-epoch document counts (``TrainData.end_epoch``) summed over ranks into the epoch record.
+EPOCH_COUNTS = ("skipped_docs", "truncated_docs", "no_target_docs")
+
 log = logging.getLogger("dstrain")
 
 
@@ -272,12 +275,18 @@ class Trainer:
                 f"epoch {self.state.epoch} has no target tokens on any rank: every document was "
                 "empty, skipped or fully masked; check data.train and the text column or format"
             )
-        # Ranks hold equal rows, not equal tokens: how far apart they ended (once per epoch).
-        per_rank = all_gather_objects(self.train_data.batches_in_epoch, self.dist, "the end of an epoch")
-        self.train_data.end_epoch()
+        # Ranks hold equal rows, not equal tokens: how far apart they ended (once per epoch), and
+        # what every rank skipped (empty documents) or cut (SFT samples past max_seq_len).
+        stats = self.train_data.end_epoch()
+        per_rank = all_gather_objects(dict(stats), self.dist, "the end of an epoch")
         self._emit(
             "on_epoch_end",
-            {"step": self.state.step, "epoch_end": self.state.epoch, "micro_batches_per_rank": per_rank},
+            {
+                "step": self.state.step,
+                "epoch_end": self.state.epoch,
+                "micro_batches_per_rank": [s["batches"] for s in per_rank],
+                **{key: sum(s[key] for s in per_rank) for key in EPOCH_COUNTS},
+            },
         )
         self.state.epoch += 1
         self._stream = None

@@ -73,7 +73,7 @@ def doc_sequence(batches) -> list[int]:
 
 def test_packer_policy():
     """Rows are full, keep every token in order, restart positions per piece, mask cross-doc labels."""
-    chunks = [(1, np.arange(10, 15)), (2, np.arange(20, 32)), (3, np.arange(40, 43))]
+    chunks = [(1, np.arange(10, 15), None), (2, np.arange(20, 32), None), (3, np.arange(40, 43), None)]
     it = iter(chunks)
     packer = Packer(seq_len=8, pad_id=0)
     rows = []

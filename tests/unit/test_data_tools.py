@@ -85,7 +85,7 @@ def test_convert_bad_rows_name_file_and_line(tmp_path, capsys):
         from trainer.data.tools import convert
 
         convert(src, out)
-    assert main(["convert", str(src), str(out)]) == 1
+    assert main(["convert", str(src), str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.jsonl: line 3" in err
     assert not out.exists()  # no half-written output
@@ -122,6 +122,41 @@ def test_module_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert pq.read_table(out)["text"].to_pylist() == ["hello"]
+
+
+def test_user_errors_exit_2_through_the_real_cli(tmp_path):
+    """``dstrain data`` exits 2 on every user error, with one ``error:`` line and no traceback (the
+    README's exit codes): bad arguments, a missing input, a missing column, an unwritable output."""
+    import os
+
+    from tests.helpers import REPO
+
+    dstrain = Path(sys.executable).with_name("dstrain")
+    src = _write(tmp_path / "in.json", _records(6), "json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cases = [
+        (
+            ["convert", str(tmp_path / "missing.json"), str(tmp_path / "o.parquet")],
+            "missing.json: no such file",
+        ),
+        (["convert", str(src), str(tmp_path / "o.parquet"), "--text-column", "nope"], "no column 'nope'"),
+        (["convert", str(src), str(blocker / "o.parquet")], "a-file"),  # OSError: not a directory
+        (
+            ["sample", str(src), str(tmp_path / "s.parquet"), "--n", "2", "--row-group-size", "0"],
+            "--row-group-size",
+        ),
+        (["split", str(src), "--out-dir", str(tmp_path / "sp"), "--validation-fraction", "1.5"], "(0, 1)"),
+        (["convert", str(src)], "required: output"),  # argparse's own usage error
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for argv, needle in cases:
+        proc = subprocess.run(
+            [str(dstrain), "data", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr and "error: " in last and needle in last, (argv, proc.stderr)
 
 
 # ----------------------------------------------------------------------------- split
@@ -264,7 +299,7 @@ def test_tokenize_two_workers_matches_tokenizer(tmp_path, tiny_tokenizer_dir):
     assert manifest["tokenizer"]["vocab_size"] == len(tok)
     assert manifest["tokenizer"]["eos_token_id"] == tok.eos_token_id
     assert describe_file(shards[0], "text").tokenized  # the loader reads them as token ids
-    assert main(argv) == 1  # refuses to mix with existing shards unless --overwrite
+    assert main(argv) == 2  # refuses to mix with existing shards unless --overwrite
 
 
 @pytest.mark.shared_data

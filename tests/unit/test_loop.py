@@ -33,8 +33,10 @@ class Data:
             self.pos += 1
             yield batch(self.epoch * 100 + self.pos - 1)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> dict:
+        stats = {"epoch": self.epoch, "batches": self.pos, "skipped_docs": 0, "truncated_docs": 0, "no_target_docs": 0}
         self.epoch, self.pos = self.epoch + 1, 0
+        return stats
 
 
 class Module:

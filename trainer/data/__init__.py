@@ -1,4 +1,4 @@
-"""The data pipeline: source -> shard -> tokenize -> shuffle -> pack/pad -> batch.
+"""The data pipeline: source -> shard -> format -> shuffle -> pack/pad -> batch.
 
 Contract with the trainer (trainer/loop.py relies on exactly this):
 
@@ -29,9 +29,9 @@ returns a :class:`TrainData`:
 A micro-batch (:class:`Batch`) is a dict of CPU tensors, all ``[micro_batch_size, T]``:
 
 - ``input_ids`` (long)
-- ``labels`` (long, ``IGNORE_INDEX`` where no loss is taken: padding, filler rows, and when
-  packing the first token of every document piece after the first in a row; not shifted: the
-  loss shifts them)
+- ``labels`` (long, ``IGNORE_INDEX`` where no loss is taken: padding, filler rows, SFT prompt
+  tokens (the formatter's loss mask is 0 there), and when packing the first token of every
+  document piece or sample after the first in a row; not shifted: the loss shifts them)
 - ``position_ids`` (long, restart at 0 at every packed document piece)
 - ``attention_mask`` (long, 1 = real token) only when not packing (padded batches); the
   filler rows that complete a shard's last batch have a 1 in column 0 only, so no attention
@@ -46,6 +46,12 @@ attention_mask is None, but only without a KV cache, so call the model with ``us
 ``build_eval_batches(cfg, tokenizer, dist, micro_batch_size)`` returns a re-iterable of the
 same Batch dicts over this rank's disjoint part of the fixed validation set (or None). Ranks
 may get different numbers of eval batches; iterating does no collective.
+
+Formatting (``data.format``, :mod:`trainer.data.formatting`): ``text`` documents (every token a
+target), or SFT records (alpaca, sharegpt, messages, template) rendered with the tokenizer's chat
+template, whose loss mask keeps only the assistant turns. Long SFT samples are truncated (or
+dropped when no target is left), counted in ``TrainData.last_epoch`` (``truncated_docs``,
+``no_target_docs``).
 
 Sources: parquet files, globs, directories; ``.jsonl`` and ``.json`` (array of records, e.g.
 ``{"completion": ...}``) read by streaming (see :mod:`trainer.data.sources`); pre-tokenized

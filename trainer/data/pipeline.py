@@ -40,18 +40,20 @@ import numpy as np
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.config import DataConfig
+from trainer.data.formatting import Formatter
 from trainer.data.packing import Batch
 from trainer.data.sharding import build_units, deal_ranges, merge_ranges, ranges_rows, shard_bounds
-from trainer.data.sources import SourceFile, describe_file, read_group, resolve_paths
+from trainer.data.sources import Columns, SourceFile, describe_file, read_group, resolve_paths
 from trainer.data.stream import (
     ShardPlan,
     ShardState,
     ShardStream,
     StreamSpec,
     fresh_state,
+    row_locator,
     shard_remainder,
 )
-from trainer.data.tokenize import encode_texts, eos_id, pad_id, tokenizer_fingerprint
+from trainer.data.tokenize import eos_id, pad_id, tokenizer_fingerprint
 from trainer.dist import DistInfo
 from trainer.errors import DataError
 from trainer.signals import ignore_stop_signals
@@ -59,7 +61,9 @@ from trainer.state import RankStates
 
 log = logging.getLogger("dstrain.data")  # under the trainer's logger: rank 0's INFO lines reach train.log
 
-STATE_VERSION = 2
+# 2: a leftover's buffer size is saved (re-deal on a micro-batch or buffer change);
+# 3: chunks carry a loss mask (the packer carry saves it) and shards count SFT truncations/drops.
+STATE_VERSION = 3
 #: Fingerprint keys whose change re-deals the saved position (``load_resharded``) instead of
 #: restarting the epoch: they change who reads what and how it is batched, never the rows' order.
 REDEAL_KEYS = ("world_size", "num_workers", "micro_batch_size", "buffer_size")
@@ -78,6 +82,7 @@ class DataFingerprint(TypedDict):
     buffer_size: int
     seed: int
     text_column: str
+    formatting: str  # Formatter.describe(): format, templates (hashed), reasoning
     max_samples: int | None
     holdout: list[float]  # [validation_fraction, validation_seed] applied to the train rows
     tokenizer: str
@@ -118,6 +123,8 @@ class EpochStats(TypedDict):
     epoch: int
     batches: int  # micro-batches this rank yielded
     skipped_docs: int  # null/empty/non-string values skipped by this rank's shards
+    truncated_docs: int  # SFT samples cut to max_seq_len (head kept) by this rank's shards
+    no_target_docs: int  # SFT samples dropped: no target token left after truncation
 
 
 class TrainData:
@@ -199,14 +206,21 @@ class TrainData:
         """Close the current epoch (every rank is done with it) and start the next one."""
         shards = self._done_shards
         self.skipped_docs = sum(s["skipped_read"] for s in shards)
-        stats = EpochStats(epoch=self.epoch, batches=self.batches_in_epoch, skipped_docs=self.skipped_docs)
+        stats = EpochStats(
+            epoch=self.epoch,
+            batches=self.batches_in_epoch,
+            skipped_docs=self.skipped_docs,
+            truncated_docs=sum(s["truncated_read"] for s in shards),
+            no_target_docs=sum(s["no_target_read"] for s in shards),
+        )
         self.last_epoch = stats
         if self.dist.is_main:
             log.info(
-                "data: epoch %d done: rank 0 read %d micro-batches and skipped %d null/empty/non-string docs",
+                "data: epoch %d done: rank 0 read %d micro-batches and skipped %d null/empty/non-string docs%s",
                 self.epoch,
                 self.batches_in_epoch,
                 self.skipped_docs,
+                _sft_counts(self.last_epoch),
             )
         self.start_epoch(self.epoch + 1)
         return stats
@@ -459,27 +473,53 @@ def describe_changes(old: DataFingerprint, new: DataFingerprint) -> str:
     return "; ".join(sorted(parts)) or "nothing"
 
 
+def _sft_counts(stats: EpochStats) -> str:
+    """The SFT part of the epoch-end log line (empty when nothing was truncated or dropped)."""
+    if not (stats["truncated_docs"] or stats["no_target_docs"]):
+        return ""
+    return (
+        f"; SFT samples on rank 0: {stats['truncated_docs']} truncated to max_seq_len (head kept), "
+        f"{stats['no_target_docs']} dropped with no response token left"
+    )
+
+
 def _estimate_batches(spec: StreamSpec, cfg: DataConfig) -> int:
     if not spec.units:
         return 0
     unit = spec.units[0]
     src = spec.files[unit.file]
+    fmt = spec.formatter
     lengths: list[int] = []
-    for rb in read_group(src, unit.group, unit.row_base, 0, min(unit.rows, 64), spec.text_column):
+    sampled = min(unit.rows, 64)
+    for rb in read_group(src, unit.group, unit.row_base, 0, sampled, fmt.single_column or fmt.columns):
         if src.tokenized:
             lengths += [len(v) for v in rb.values if v is not None and len(v)]
         else:
-            texts = [v for v in rb.values if isinstance(v, str) and v]
-            lengths += [len(x) for x in encode_texts(spec.tokenizer, texts)]
+            locate = row_locator(src, src.groups[unit.group].first_row, list(range(len(rb.values))))
+            lengths += [
+                len(s.ids) for s in fmt.format_batch(rb.values, locate) if s is not None and len(s.ids)
+            ]
     if not lengths:
         return 0
-    lens = np.asarray(lengths) + (1 if spec.pack else 0)
     rows = spec.total_rows * (1.0 - spec.holdout_fraction) / spec.world_size
-    if spec.pack:
-        sequences = rows * lens.mean() / spec.max_seq_len
+    T = spec.max_seq_len
+    if fmt.supervised:  # whole samples, truncated: packed rows as the packer fills them
+        lens = np.minimum(lengths, T)
+        sequences = rows * (_whole_sample_rows(lens, T) / len(lens) if spec.pack else 1.0)
     else:
-        sequences = rows * np.ceil(lens / spec.max_seq_len).mean()
+        lens = np.asarray(lengths) + (1 if spec.pack else 0)
+        sequences = rows * (lens.mean() / T if spec.pack else np.ceil(lens / T).mean())
     return max(1, int(np.ceil(sequences / spec.micro_batch_size)))
+
+
+def _whole_sample_rows(lengths: np.ndarray, seq_len: int) -> int:
+    """Rows the SFT packer fills with samples of these lengths, in this order (none split)."""
+    rows, fill = 0, seq_len
+    for n in lengths.tolist():
+        if fill + n > seq_len:
+            rows, fill = rows + 1, 0
+        fill += n
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -523,8 +563,17 @@ class EvalBatches:
 # --------------------------------------------------------------------------------------- builders
 
 
-def _describe(paths: list[str], key: str, text_column: str) -> list[SourceFile]:
-    return [describe_file(p, text_column) for p in resolve_paths(paths, key)]
+def _describe(paths: list[str], key: str, formatter: Formatter) -> list[SourceFile]:
+    columns: Columns = formatter.source_columns()
+    files = [describe_file(p, columns) for p in resolve_paths(paths, key)]
+    tokenized = [f.path for f in files if f.tokenized]
+    if tokenized and (formatter.supervised or formatter.text_template is not None):
+        raise DataError(
+            f"--{key}: {tokenized[0]} is pre-tokenized (an input_ids column), which carries no loss mask "
+            f"and no columns to format; use the raw files with --data.format {formatter.format}"
+            + (", or drop --data.text_template" if formatter.format == "text" else "")
+        )
+    return files
 
 
 def _fingerprint(spec: StreamSpec, cfg: DataConfig, tokenizer: Any) -> DataFingerprint:
@@ -536,7 +585,8 @@ def _fingerprint(spec: StreamSpec, cfg: DataConfig, tokenizer: Any) -> DataFinge
         pack=spec.pack,
         buffer_size=spec.buffer_size,
         seed=spec.seed,
-        text_column=spec.text_column,
+        text_column=cfg.text_column,
+        formatting=spec.formatter.describe(),
         max_samples=cfg.max_samples,
         holdout=[spec.holdout_fraction, spec.holdout_seed],
         tokenizer=tokenizer_fingerprint(tokenizer),
@@ -546,6 +596,7 @@ def _fingerprint(spec: StreamSpec, cfg: DataConfig, tokenizer: Any) -> DataFinge
 
 def _stream_spec(
     cfg: DataConfig,
+    formatter: Formatter,
     files: list[SourceFile],
     units: list[Any],
     tokenizer: Any,
@@ -561,7 +612,7 @@ def _stream_spec(
         files=files,
         units=units,
         tokenizer=tokenizer,
-        text_column=cfg.text_column,
+        formatter=formatter,
         max_seq_len=cfg.max_seq_len,
         micro_batch_size=micro_batch_size,
         pack=cfg.pack,
@@ -583,11 +634,14 @@ def build_train_data(
 ) -> TrainData:
     """The training stream of this rank (see ``trainer.data`` for the contract)."""
     t0 = time.perf_counter()
-    eos = eos_id(tokenizer, cfg.pack)
-    files = _describe(cfg.train, "data.train", cfg.text_column)
+    eos = eos_id(tokenizer, cfg.pack and not cfg.supervised)
+    formatter = Formatter(cfg, tokenizer)
+    files = _describe(cfg.train, "data.train", formatter)
     units = build_units(files, cfg.max_samples)
     holdout = cfg.validation_fraction if cfg.validation is None else 0.0
-    spec = _stream_spec(cfg, files, units, tokenizer, dist, micro_batch_size, "train", seed, holdout, eos)
+    spec = _stream_spec(
+        cfg, formatter, files, units, tokenizer, dist, micro_batch_size, "train", seed, holdout, eos
+    )
     if spec.total_rows == 0:
         raise DataError(
             f"--data.train holds no rows ({len(files)} files); check the files or --data.max_samples"
@@ -595,12 +649,13 @@ def build_train_data(
     data = TrainData(spec, cfg, dist, _fingerprint(spec, cfg, tokenizer))
     if dist.is_main:
         log.info(
-            "data: %d files, %d row groups, %d rows (%s held out for eval); %d shards; built in %.2fs",
+            "data: %d files, %d row groups, %d rows (%s held out for eval); %d shards; format %s; built in %.2fs",
             len(files),
             len(units),
             spec.total_rows,
             f"{holdout:.0%}" if holdout else "none",
             dist.world_size * max(1, cfg.num_workers),
+            formatter.describe(),
             time.perf_counter() - t0,
         )
     return data
@@ -614,17 +669,20 @@ def build_eval_batches(
     ``data.validation`` files are used whole; otherwise the rows that ``validation_fraction``
     holds out of ``data.train`` (the train stream skips exactly those rows).
     """
-    eos = eos_id(tokenizer, cfg.pack)
+    eos = eos_id(tokenizer, cfg.pack and not cfg.supervised)
+    formatter = Formatter(cfg, tokenizer)
     if cfg.validation:
-        files = _describe(cfg.validation, "data.validation", cfg.text_column)
+        files = _describe(cfg.validation, "data.validation", formatter)
         units, holdout = build_units(files), 0.0
     elif cfg.validation_fraction > 0:
-        files = _describe(cfg.train, "data.train", cfg.text_column)
+        files = _describe(cfg.train, "data.train", formatter)
         units, holdout = build_units(files, cfg.max_samples), cfg.validation_fraction
     else:
         return None
     # Eval streams in the training process (no workers) with a fixed seed: the same set every time.
-    spec = _stream_spec(cfg, files, units, tokenizer, dist, micro_batch_size, "eval", 0, holdout, eos)
+    spec = _stream_spec(
+        cfg, formatter, files, units, tokenizer, dist, micro_batch_size, "eval", 0, holdout, eos
+    )
     return EvalBatches(spec, cfg.eval_max_batches)
 
 

@@ -23,6 +23,12 @@ sharding or O(1) resume, so download (or convert to parquet) first.
 
 Pre-tokenized parquet (an ``input_ids`` list column, as written by :func:`write_tokenized_shard`
 and ``dstrain data tokenize``) is read as token ids and skips tokenization.
+
+Columns (:class:`Columns`, from the formatter): one string column whose values are handed out as
+they are (``data.text_column``, the pretraining path), or several fields handed out as one dict
+per row (templates, SFT records: nested lists and structs come back as Python lists and dicts).
+Required columns must exist in every file (the parquet schema, or the first json record); an
+optional column a file lacks reads as None.
 """
 
 from __future__ import annotations
@@ -74,6 +80,37 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """What to read from each row: ``names`` (``text``: one string column, read as its values; else
+    read as one dict per row), of which ``required`` must be in every file. ``flags`` names the
+    config key behind each name and ``context`` the format, for error messages."""
+
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+    flags: tuple[str, ...]
+    text: bool
+    context: str = ""
+
+    @classmethod
+    def text_column(cls, name: str) -> Columns:
+        return cls((name,), (name,), ("--data.text_column",), text=True)
+
+    def read(self) -> str | tuple[str, ...]:
+        """What :func:`read_group` takes: the column name (values) or the names (dicts)."""
+        return self.names[0] if self.text else self.names
+
+    def missing(self, path: Path, name: str, have: Sequence[str], what: str) -> DataError:
+        flag = self.flags[self.names.index(name)]
+        fix = (
+            f"fix the {{{name}}} placeholder of {flag}"
+            if flag.endswith("_template")
+            else f"set {flag} to the one holding {'the text' if self.text else 'it'}"
+        )
+        context = f", or check {self.context}" if self.context else ""
+        return DataError(f"{path} has no {what} {name!r} ({what}s: {', '.join(have)}); {fix}{context}")
+
+
+@dataclass(frozen=True)
 class SourceFile:
     """A resolved data file: its kind, its groups and what identifies its contents."""
 
@@ -84,6 +121,7 @@ class SourceFile:
     groups: tuple[Group, ...]
     size: int
     mtime_ns: int
+    fields: tuple[str, ...] = ()  # the requested columns this file has (parquet/arrow; json: all)
 
     @property
     def rows(self) -> int:
@@ -197,15 +235,19 @@ def open_parquet(path: str) -> pq.ParquetFile:
         ) from None
 
 
-def describe_file(path: Path, text_column: str) -> SourceFile:
-    """Read a file's metadata (parquet footer, or one streaming pass over json) into a SourceFile."""
+def describe_file(path: Path, columns: Columns | str) -> SourceFile:
+    """Read a file's metadata (parquet footer, or one streaming pass over json) into a SourceFile.
+
+    ``columns``: what will be read (a plain name is one text column)."""
+    if isinstance(columns, str):
+        columns = Columns.text_column(columns)
     kind = file_kind(path)
     stat = path.stat()
     if kind == "parquet":
         pf = open_parquet(str(path))
         names = pf.schema_arrow.names
         tokenized = TOKENS_COLUMN in names
-        _check_columns(path, pf.schema_arrow, text_column)
+        _check_columns(path, pf.schema_arrow, columns)
         has_doc_id = DOC_ID_COLUMN in names
         if has_doc_id and not pa.types.is_integer(pf.schema_arrow.field(DOC_ID_COLUMN).type):
             raise DataError(
@@ -217,35 +259,40 @@ def describe_file(path: Path, text_column: str) -> SourceFile:
             n = pf.metadata.row_group(i).num_rows
             groups.append(Group(rows=n, first_row=first))
             first += n
+        present = tuple(c for c in columns.names if c in names)
         return SourceFile(
-            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns
+            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns, present
         )
     if kind == "arrow":
         reader = open_arrow(str(path))
         schema = reader.schema
-        _check_columns(path, schema, text_column)
+        _check_columns(path, schema, columns)
         groups, first = [], 0
         for batch in reader:  # memory-mapped: only batch headers are touched
             groups.append(Group(rows=batch.num_rows, first_row=first))
             first += batch.num_rows
         tokenized = TOKENS_COLUMN in schema.names
         has_doc_id = DOC_ID_COLUMN in schema.names
+        present = tuple(c for c in columns.names if c in schema.names)
         return SourceFile(
-            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns
+            str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns, present
         )
-    groups, has_doc_id = _index_json(path, kind, text_column)
-    return SourceFile(str(path), kind, False, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns)
+    groups, has_doc_id = _index_json(path, kind, columns)
+    return SourceFile(
+        str(path), kind, False, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns, columns.names
+    )
 
 
-def _check_columns(path: Path, schema: pa.Schema, text_column: str) -> None:
+def _check_columns(path: Path, schema: pa.Schema, columns: Columns) -> None:
     names = schema.names
     if TOKENS_COLUMN in names:
         return
-    if text_column not in names:
-        raise DataError(
-            f"{path} has no column {text_column!r} (columns: {', '.join(names)}); "
-            "set --data.text_column to the one holding the text"
-        )
+    for name in columns.required:
+        if name not in names:
+            raise columns.missing(path, name, names, "column")
+    if not columns.text:
+        return
+    text_column = columns.names[0]
     col_type = schema.field(text_column).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
         raise DataError(
@@ -332,8 +379,9 @@ def _record_keys(path: str, value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def _index_json(path: Path, kind: FileKind, text_column: str) -> tuple[list[Group], bool]:
-    """Groups of JSON_ROWS_PER_GROUP records with byte offsets; checks the text field exists."""
+def _index_json(path: Path, kind: FileKind, columns: Columns) -> tuple[list[Group], bool]:
+    """Groups of JSON_ROWS_PER_GROUP records with byte offsets; checks the required fields exist
+    (in the first record)."""
     groups: list[Group] = []
     first_keys: list[str] | None = None
     has_doc_id = False
@@ -359,11 +407,9 @@ def _index_json(path: Path, kind: FileKind, text_column: str) -> tuple[list[Grou
                         f"{path} line 1: invalid JSON ({exc.msg}); fix or re-export the file"
                     ) from None
             first_keys = _record_keys(str(path), value, "record 0")
-            if text_column not in first_keys:
-                raise DataError(
-                    f"{path} has no field {text_column!r} in its first record (fields: "
-                    f"{', '.join(first_keys)}); set --data.text_column to the one holding the text"
-                )
+            for name in columns.required:
+                if name not in first_keys:
+                    raise columns.missing(path, name, first_keys, "field")
             has_doc_id = DOC_ID_COLUMN in first_keys
         n += 1
     if n == 0:
@@ -409,25 +455,30 @@ def read_group(
     row_base: int,
     start: int,
     stop: int,
-    text_column: str,
+    columns: str | Sequence[str],
     pf: pq.ParquetFile | None = None,
 ) -> Iterator[RowBatch]:
     """Rows ``[start, stop)`` of one group, in record batches of at most READ_BATCH_ROWS.
 
     ``row_base`` is the global row index of the group's first row (the doc id fallback).
+    ``columns``: one name (values are that column's values) or several (values are dicts, None
+    for a column the file lacks); pre-tokenized files give their token ids either way.
     """
     group = src.groups[group_index]
     if src.kind == "arrow":
-        yield from _read_arrow_group(src, group_index, row_base, start, stop, text_column)
+        yield from _read_arrow_group(src, group_index, row_base, start, stop, columns)
         return
     if src.kind == "parquet":
         pf = pf or open_parquet(src.path)
-        value_col = TOKENS_COLUMN if src.tokenized else text_column
-        columns = [value_col] + ([DOC_ID_COLUMN] if src.has_doc_id else [])
+        if src.tokenized or isinstance(columns, str):
+            value_cols = [TOKENS_COLUMN if src.tokenized else str(columns)]
+        else:
+            value_cols = [c for c in columns if c in src.fields]
+        read = value_cols + ([DOC_ID_COLUMN] if src.has_doc_id else [])
         seen = 0  # rows of the group before the current record batch
         try:
             batches = pf.iter_batches(
-                batch_size=READ_BATCH_ROWS, row_groups=[group_index], columns=columns, use_threads=False
+                batch_size=READ_BATCH_ROWS, row_groups=[group_index], columns=read, use_threads=False
             )
             for rb in batches:
                 lo, hi = max(start - seen, 0), min(stop - seen, rb.num_rows)
@@ -437,9 +488,9 @@ def read_group(
                         return
                     continue
                 rb = rb.slice(lo, hi - lo)
-                values = _token_lists(rb.column(0)) if src.tokenized else rb.column(0).to_pylist()
+                values = _row_values(rb, src, value_cols, columns)
                 if src.has_doc_id:
-                    ids_col = rb.column(1)
+                    ids_col = rb.column(len(value_cols))
                     if ids_col.null_count:
                         raise DataError(
                             f"{src.path}: column {DOC_ID_COLUMN!r} has nulls in row group {group_index} "
@@ -466,7 +517,10 @@ def read_group(
             continue
         if k >= stop:
             break
-        value = record.get(text_column) if isinstance(record, dict) else None
+        if isinstance(columns, str):
+            value = record.get(columns) if isinstance(record, dict) else None
+        else:
+            value = {c: record.get(c) for c in columns} if isinstance(record, dict) else record
         doc_id = record.get(DOC_ID_COLUMN) if isinstance(record, dict) and src.has_doc_id else None
         values.append(value)
         ids.append(doc_id if isinstance(doc_id, int) else row_base + k)
@@ -475,6 +529,20 @@ def read_group(
             values, ids = [], []
     if values:
         yield RowBatch(np.asarray(ids, dtype=np.int64), values)
+
+
+def _row_values(
+    rb: pa.RecordBatch, src: SourceFile, value_cols: list[str], columns: str | Sequence[str]
+) -> list[Any]:
+    """The values of a record batch: token arrays, one column's values, or one dict per row."""
+    if src.tokenized:
+        return _token_lists(rb.column(0))
+    if isinstance(columns, str):
+        return rb.column(0).to_pylist()
+    read = {name: rb.column(j).to_pylist() for j, name in enumerate(value_cols)}
+    missing = [None] * rb.num_rows
+    table = [read.get(c, missing) for c in columns]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*table, strict=True)] if columns else []
 
 
 def _int_numpy(arr: pa.Array, dtype: type) -> np.ndarray:
@@ -530,7 +598,7 @@ def write_tokenized_shard(
 
 
 def _read_arrow_group(
-    src: SourceFile, group_index: int, row_base: int, start: int, stop: int, text_column: str
+    src: SourceFile, group_index: int, row_base: int, start: int, stop: int, columns: str | Sequence[str]
 ) -> Iterator[RowBatch]:
     """Rows ``[start, stop)`` of one Arrow record batch (memory-mapped; earlier batches are skipped
     by their headers, so no data before the group is copied)."""
@@ -539,9 +607,11 @@ def _read_arrow_group(
         if index < group_index:
             continue
         rb = batch.slice(start, stop - start)
-        value_col = TOKENS_COLUMN if src.tokenized else text_column
-        column = rb.column(rb.schema.get_field_index(value_col))
-        values = _token_lists(column) if src.tokenized else column.to_pylist()
+        if src.tokenized or isinstance(columns, str):
+            value_cols = [TOKENS_COLUMN if src.tokenized else str(columns)]
+        else:
+            value_cols = [c for c in columns if c in src.fields]
+        values = _row_values(rb.select(value_cols), src, value_cols, columns)
         if src.has_doc_id:
             doc_ids = _int_numpy(rb.column(rb.schema.get_field_index(DOC_ID_COLUMN)), np.int64)
         else:

@@ -1,19 +1,23 @@
-"""One shard's stateful stream: read rows -> tokenize -> chunk -> shuffle block -> pack/pad -> batch.
+"""One shard's stateful stream: read rows -> format -> chunk -> shuffle block -> pack/pad -> batch.
 
 Stages (each a small piece of state, all in :class:`ShardStream`):
 
 1. *source*: the shard's :class:`Segment` list (see ``sharding``), read in record batches;
    the position is ``(segment, row within segment, chunk within the row's document)``;
-2. *tokenize*: one batched fast-tokenizer call per record batch (skipped for pre-tokenized
-   files); null, empty or non-string values are skipped and counted in ``skipped_docs``;
-   documents longer than ``max_seq_len`` (EOS included when packing) are cut into chunks, so a
-   document longer than the whole buffer simply spans several blocks;
+2. *format*: :class:`~trainer.data.formatting.Formatter` turns each record batch into token ids
+   and loss masks (one batched tokenizer call; skipped for pre-tokenized files); null, empty or
+   non-string values of text formats are skipped and counted in ``skipped_docs``. Documents
+   longer than ``max_seq_len`` (EOS included when packing) are cut into chunks, so a document
+   longer than the whole buffer simply spans several blocks. SFT samples are kept whole:
+   truncated to ``max_seq_len`` (the head is kept; ``truncated_docs``), and dropped when no
+   target token is left (``no_target_docs``);
 3. *shuffle*: a seeded **block shuffle buffer**: ``buffer_size`` chunks are read, permuted
    with a generator seeded by ``(seed, epoch, shard, block number)`` and handed out in order.
    Its state is therefore the block's start position plus an index into it, never its
    contents, and no RNG state needs saving;
 4. *pack/pad* and *batch*: :mod:`trainer.data.packing`; the packer's carry-over (< max_seq_len
-   tokens) is saved as token ids.
+   tokens of a document) is saved as token ids, the SFT samples it set aside (``pending``) as
+   token ids and loss-mask runs.
 
 Restoring re-reads and re-tokenizes the current block (``buffer_size`` chunks, from at most a
 few row groups): its cost depends on the buffer and row-group sizes, never on how many
@@ -34,7 +38,7 @@ and "row ranges not read yet"; ``TrainData.load_resharded`` deals them to the ne
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
@@ -42,7 +46,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.data.packing import Batch, Chunk, Packer, chunk_document, chunk_row, collate
+from trainer.data.formatting import Formatter, Sample
+from trainer.data.packing import SFT_PACK_WINDOW, Batch, Chunk, Packer, chunk_document, chunk_row, collate
 from trainer.data.sharding import (
     Segment,
     Unit,
@@ -54,9 +59,10 @@ from trainer.data.sharding import (
     shard_bounds,
 )
 from trainer.data.sources import SourceFile, open_parquet, read_group
-from trainer.data.tokenize import encode_texts
 
 Split = Literal["train", "eval"]
+#: Per-epoch counters of a shard, saved at the block start (the ``*_read`` twins: at the read position).
+COUNTERS = ("docs", "skipped_docs", "truncated_docs", "no_target_docs")
 
 
 @dataclass
@@ -66,7 +72,7 @@ class StreamSpec:
     files: list[SourceFile]
     units: list[Unit]
     tokenizer: Any
-    text_column: str
+    formatter: Formatter
     max_seq_len: int
     micro_batch_size: int
     pack: bool
@@ -87,10 +93,34 @@ class StreamSpec:
         self.total_rows = sum(u.rows for u in self.units)
 
 
+class SavedSample(TypedDict):
+    """An SFT sample the packer set aside, in a state: its tokens and the runs of its loss mask."""
+
+    doc: int
+    tokens: list[int]
+    targets: list[list[int]]  # [start, end) runs where the loss mask is 1
+
+
+def save_sample(chunk: Chunk) -> SavedSample:
+    doc, tokens, mask = chunk
+    assert mask is not None
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return SavedSample(doc=int(doc), tokens=tokens.tolist(), targets=edges.reshape(-1, 2).tolist())
+
+
+def load_sample(saved: SavedSample) -> Chunk:
+    tokens = np.asarray(saved["tokens"], dtype=np.int32)
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    for a, b in saved["targets"]:
+        mask[a:b] = 1
+    return (saved["doc"], tokens, mask)
+
+
 class Leftover(TypedDict):
     """Chunks that a shard of a run saved on another world size had read but not handed out.
 
-    Handed out in this order: the carry (explicit tokens, < max_seq_len), then the old shard's
+    Handed out in this order: the carry (explicit tokens, < max_seq_len) and the SFT samples its
+    packer had set aside (``pending``), then the old shard's
     current block re-read from ``block_start`` and permuted as that shard did, from
     ``block_index`` on, followed by the remaining chunks of the document the block ended in.
     ``block_no`` -1 means a carry only.
@@ -104,6 +134,7 @@ class Leftover(TypedDict):
     buffer_size: int  # the old run's shuffle block size (the block is re-read with it)
     carry_doc: int
     carry_tokens: list[int]
+    pending: list[SavedSample]
 
 
 class ShardPlan(TypedDict):
@@ -124,11 +155,16 @@ class ShardState(TypedDict):
     block_index: int  # chunks of the block already handed out
     block_len: int  # chunks in the current block (<= buffer_size)
     block_end: list[int]  # [segment, row, chunk] where the block's reading stopped
-    carry_doc: int  # packer carry-over (doc id, tokens), -1 / [] when none
+    carry_doc: int  # packer carry-over of a document (doc id, tokens), -1 / [] when none
     carry_tokens: list[int]
+    pending: list[SavedSample]  # SFT samples the packer set aside (<= SFT_PACK_WINDOW + 1)
     docs: int  # documents read so far this epoch, as of the block start
     skipped_docs: int  # null/empty/non-string values skipped this epoch, as of the block start
     skipped_read: int  # the same, counted up to the read position (what is reported)
+    truncated_docs: int  # SFT samples cut to max_seq_len this epoch, as of the block start
+    truncated_read: int  # the same, up to the read position
+    no_target_docs: int  # SFT samples dropped with no target token left, as of the block start
+    no_target_read: int  # the same, up to the read position
     ranges: list[list[int]]  # the shard's row ranges [[lo, hi), ...] in the epoch's row sequence
     leftovers: list[Leftover]  # re-shard: other shards' chunks still to hand out, before block 0
     next_row: int  # epoch row position of block_start (the shard's rows before it are consumed)
@@ -148,9 +184,14 @@ def fresh_state(
         block_end=[0, 0, 0],
         carry_doc=-1,
         carry_tokens=[],
+        pending=[],
         docs=0,
         skipped_docs=0,
         skipped_read=0,
+        truncated_docs=0,
+        truncated_read=0,
+        no_target_docs=0,
+        no_target_read=0,
         ranges=[list(r) for r in ranges],
         leftovers=[_copy_leftover(lo) for lo in leftovers or []],
         next_row=ranges[0][0] if ranges else 0,
@@ -168,6 +209,13 @@ def _copy_leftover(lo: Leftover) -> Leftover:
         buffer_size=lo["buffer_size"],
         carry_doc=lo["carry_doc"],
         carry_tokens=list(lo["carry_tokens"]),
+        pending=[_copy_sample(p) for p in lo["pending"]],
+    )
+
+
+def _copy_sample(saved: SavedSample) -> SavedSample:
+    return SavedSample(
+        doc=saved["doc"], tokens=list(saved["tokens"]), targets=[list(t) for t in saved["targets"]]
     )
 
 
@@ -255,7 +303,8 @@ class ShardStream(IterableDataset):
         """Re-create shard ``shard``'s block ``block_no`` of this epoch exactly as that shard read
         it; ``with_tail`` appends the remaining chunks of the document the block ended in.
         Returns the chunks and the read position after them. Costs one block of reading."""
-        counters = {"docs": 0, "skipped_docs": 0, "next": list(block_start)}
+        counters: dict[str, Any] = {name: 0 for name in COUNTERS}
+        counters["next"] = list(block_start)
         chunks = self._chunks(self._segments(ranges), list(block_start), counters)
         block = self._read_block(chunks, shard, block_no, buffer_size)
         end = list(counters["next"])
@@ -266,8 +315,9 @@ class ShardStream(IterableDataset):
 
     # -- stages ---------------------------------------------------------------------------------
     def _chunks(self, segments: list[Segment], start: list[int], counters: dict[str, int]) -> Iterator[Chunk]:
-        """Source + tokenize + chunk: chunks from position ``start``; ``counters['next']`` tracks the position."""
+        """Source + format + chunk: chunks from position ``start``; ``counters['next']`` tracks the position."""
         spec = self.spec
+        fmt = spec.formatter
         seg0, row0, chunk0 = start
         pf_cache: dict[int, pq.ParquetFile] = {}
         for si in range(seg0, len(segments)):
@@ -281,9 +331,8 @@ class ShardStream(IterableDataset):
                     pf_cache.clear()  # one open file at a time
                     pf_cache[unit.file] = open_parquet(src.path)
                 pf = pf_cache[unit.file]
-            for rb in read_group(
-                src, unit.group, unit.row_base, seg.start + r, seg.stop, spec.text_column, pf
-            ):
+            columns = fmt.single_column or fmt.columns
+            for rb in read_group(src, unit.group, unit.row_base, seg.start + r, seg.stop, columns, pf):
                 n = len(rb.values)
                 rows = np.arange(
                     unit.row_base + seg.start + r, unit.row_base + seg.start + r + n, dtype=np.int64
@@ -293,30 +342,39 @@ class ShardStream(IterableDataset):
                     keep = ~keep
                 elif spec.holdout_fraction <= 0:
                     keep = np.ones(n, dtype=bool)
-                valid = [keep[i] and _is_valid(rb.values[i], src.tokenized) for i in range(n)]
                 if src.tokenized:
-                    tokens = [rb.values[i] if valid[i] else None for i in range(n)]
+                    samples: list[Sample | None] = [
+                        Sample(v, None) if keep[i] and _is_valid(v) else None for i, v in enumerate(rb.values)
+                    ]
                 else:
-                    idx = [i for i in range(n) if valid[i]]
-                    encoded = encode_texts(spec.tokenizer, [rb.values[i] for i in idx])
-                    tokens = [None] * n
-                    for i, ids in zip(idx, encoded, strict=True):
-                        tokens[i] = ids
+                    live = [i for i in range(n) if keep[i]]
+                    first = src.groups[unit.group].first_row + seg.start + r
+                    formatted = fmt.format_batch([rb.values[i] for i in live], row_locator(src, first, live))
+                    samples = [None] * n
+                    for i, sample in zip(live, formatted, strict=True):
+                        samples[i] = sample
                 for i in range(n):
                     if not keep[i]:
                         r += 1
                         continue
-                    ids = tokens[i]
-                    if ids is not None and spec.pack:
-                        ids = np.append(np.asarray(ids, dtype=np.int32), np.int32(spec.eos_id))
-                    if not valid[i] or ids is None or len(ids) == 0:
+                    sample = samples[i]
+                    if sample is None or len(sample.ids) == 0:
                         counters["skipped_docs"] += 1
                         r += 1
                         continue
+                    doc = int(rb.doc_ids[i])
+                    if fmt.supervised:
+                        whole = _whole_sample(doc, sample, spec.max_seq_len, counters)
+                        if whole is None:
+                            r += 1
+                            continue
+                        pieces = [whole]
+                    else:
+                        ids = np.asarray(sample.ids, dtype=np.int32)
+                        if spec.pack:
+                            ids = np.append(ids, np.int32(spec.eos_id))
+                        pieces = chunk_document(doc, ids, spec.max_seq_len)
                     counters["docs"] += chunk0 == 0
-                    pieces = chunk_document(
-                        int(rb.doc_ids[i]), np.asarray(ids, dtype=np.int32), spec.max_seq_len
-                    )
                     for c in range(chunk0, len(pieces)):
                         last = c + 1 == len(pieces)
                         counters["next"] = [si, r + 1, 0] if last else [si, r, c + 1]
@@ -349,8 +407,8 @@ class ShardStream(IterableDataset):
         block_index = 0
         block_no = state["block_no"]
         block_start = list(state["block_start"])
-        counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"], "next": list(block_start)}
-        block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
+        block_counters = {name: state[name] for name in COUNTERS}
+        counters: dict[str, Any] = {**block_counters, "next": list(block_start)}
         block_end = list(block_start)
         chunks = self._chunks(segments, block_start, counters)
 
@@ -363,7 +421,7 @@ class ShardStream(IterableDataset):
         if block_no >= 0:  # resume inside a block: re-read it, then skip what was handed out
             read_block()
             block_index = state["block_index"]
-            block_counters = {"docs": state["docs"], "skipped_docs": state["skipped_docs"]}
+            block_counters = {name: state[name] for name in COUNTERS}
 
         def pull_leftover() -> Chunk | None:
             """The next chunk of the leftovers (a re-sharded epoch hands them out first)."""
@@ -371,9 +429,11 @@ class ShardStream(IterableDataset):
             while leftovers:
                 lo = leftovers[0]
                 if lo["carry_tokens"]:
-                    chunk = (lo["carry_doc"], np.asarray(lo["carry_tokens"], dtype=np.int32))
+                    chunk = carry_chunk(lo["carry_doc"], lo["carry_tokens"])
                     lo["carry_doc"], lo["carry_tokens"] = -1, []
                     return chunk
+                if lo["pending"]:
+                    return load_sample(lo["pending"].pop(0))
                 if lo["block_no"] >= 0 and leftover_chunks is None:
                     leftover_chunks, _ = self.reread_block(
                         lo["shard"],
@@ -404,9 +464,10 @@ class ShardStream(IterableDataset):
             block_index += 1
             return block[block_index - 1]
 
-        packer = Packer(spec.max_seq_len, spec.pad_id)
+        packer = Packer(spec.max_seq_len, spec.pad_id, SFT_PACK_WINDOW if spec.formatter.supervised else None)
         if state["carry_tokens"]:
-            packer.carry = (state["carry_doc"], np.asarray(state["carry_tokens"], dtype=np.int32))
+            packer.carry = carry_chunk(state["carry_doc"], state["carry_tokens"])
+        packer.pending = [load_sample(p) for p in state["pending"]]
 
         def snapshot(done: bool) -> ShardState:
             carry = packer.carry
@@ -421,9 +482,14 @@ class ShardStream(IterableDataset):
                 block_end=list(block_end),
                 carry_doc=carry[0] if carry else -1,
                 carry_tokens=carry[1].tolist() if carry else [],
+                pending=[save_sample(c) for c in packer.pending],
                 docs=block_counters["docs"],
                 skipped_docs=block_counters["skipped_docs"],
                 skipped_read=counters["skipped_docs"],
+                truncated_docs=block_counters["truncated_docs"],
+                truncated_read=counters["truncated_docs"],
+                no_target_docs=block_counters["no_target_docs"],
+                no_target_read=counters["no_target_docs"],
                 ranges=[list(r) for r in ranges],
                 leftovers=[_copy_leftover(lo) for lo in leftovers],
                 next_row=row_position(ranges, offset),
@@ -467,7 +533,7 @@ def shard_remainder(
         return [], [], 0
     ranges = [list(r) for r in state["ranges"]]
     leftovers: list[Leftover] = []
-    if state["carry_tokens"]:
+    if state["carry_tokens"] or state["pending"]:
         leftovers.append(
             Leftover(
                 shard=state["shard"],
@@ -478,6 +544,7 @@ def shard_remainder(
                 buffer_size=buffer_size,
                 carry_doc=state["carry_doc"],
                 carry_tokens=list(state["carry_tokens"]),
+                pending=[_copy_sample(p) for p in state["pending"]],
             )
         )
     leftovers.extend(_copy_leftover(lo) for lo in state.get("leftovers", []))
@@ -502,6 +569,7 @@ def shard_remainder(
                 buffer_size=buffer_size,
                 carry_doc=-1,
                 carry_tokens=[],
+                pending=[],
             )
         )
     segments = stream._segments(ranges)
@@ -510,7 +578,33 @@ def shard_remainder(
     return ranges_after(ranges, read), leftovers, unread
 
 
-def _is_valid(value: Any, tokenized: bool) -> bool:
-    if tokenized:
-        return value is not None and len(value) > 0
-    return isinstance(value, str) and len(value) > 0
+def _is_valid(tokens: Any) -> bool:
+    """A pre-tokenized row with tokens (null and empty rows are skipped)."""
+    return tokens is not None and len(tokens) > 0
+
+
+def row_locator(src: SourceFile, first_row: int, rows: list[int]) -> Callable[[int], str]:
+    """Names value ``j`` of a formatted batch in error messages: its file and row (record, for json)."""
+    unit = "record" if src.kind in ("json", "jsonl") else "row"
+    return lambda j: f"{src.path} {unit} {first_row + rows[j]}"
+
+
+def _whole_sample(doc: int, sample: Sample, max_seq_len: int, counters: dict[str, Any]) -> Chunk | None:
+    """An SFT sample as one chunk: its head when longer than ``max_seq_len`` (counted), None (counted)
+    when no target token is left. The first token is never a target (nothing precedes it)."""
+    ids = np.asarray(sample.ids, dtype=np.int32)
+    mask = sample.mask
+    assert mask is not None and len(mask) == len(ids)
+    truncated = len(ids) > max_seq_len
+    if truncated:
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    if not mask[1:].any():
+        counters["no_target_docs"] += 1
+        return None
+    counters["truncated_docs"] += truncated
+    return (doc, ids, mask)
+
+
+def carry_chunk(doc: int, tokens: list[int]) -> Chunk:
+    """A saved document carry (plain ints in the state) as a chunk again (every token a target)."""
+    return (doc, np.asarray(tokens, dtype=np.int32), None)

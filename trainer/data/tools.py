@@ -754,14 +754,30 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+#: Exit status of a user error (bad argument, file or row), as argparse's usage errors and
+#: ``dstrain``'s own (README, exit codes).
+USER_ERROR_EXIT = 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dstrain data``: run one subcommand; user errors print one line, exit 1."""
+    """Entry point of ``dstrain data``: run one subcommand; user errors print one line, exit 2.
+
+    User errors: a :class:`DstrainError`, and an ``OSError`` on a path the user gave (a missing
+    directory, no permission, a full disk), which is about the environment, not a bug.
+    """
     args = build_parser().parse_args(argv)
     try:
+        size = getattr(args, "row_group_size", None)
+        if size is not None and size < 1:
+            raise DataError(f"--row-group-size must be >= 1, got {size}")
         return _run(args)
     except DstrainError as e:
-        print(f"dstrain data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        message = str(e)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}"
+    print(f"dstrain data {args.command}: error: {message}", file=sys.stderr)
+    return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -122,3 +122,58 @@ def tiny_model(seed: int = 0, vocab_size: int = 128):
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+# ChatML, as Qwen writes it, with {% generation %} around what the assistant produces: the
+# assistant text and <|im_end|>, not the newline after it (see trainer/data/formatting.py).
+CHATML = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# DeepSeek-R1-Distill-Qwen's chat template (drops the text before </think> of assistant turns)
+# and its special tokens.
+R1_TEMPLATE = REPO / "tests" / "fixtures" / "deepseek_r1_distill_qwen.jinja"
+R1_TOKENS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+]
+
+
+def words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca rows of varied length; every 7th has an input, every 5th a one-turn history."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        rec = {"instruction": f"q{i} " + words(rng, 1, 12), "input": "", "output": words(rng, 1, 20)}
+        if i % 7 == 0:
+            rec["input"] = words(rng, 1, 6)
+        if i % 5 == 0:
+            rec["history"] = [[words(rng, 1, 4), words(rng, 1, 4)]]
+        out.append(rec)
+    return out
+
+
+def save_chat_base(out_dir: Path, tokenizer_dir: Path, seed: int = 3) -> Path:
+    """A stand-in for pretrained chat weights: the tiny model and the tiny BPE with ChatML turn
+    markers and template, saved as one HF dir (what ``model.name_or_path`` points at)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(out_dir)
+    tiny_model(seed=seed, vocab_size=-(-len(tok) // 64) * 64).save_pretrained(out_dir)
+    return out_dir

@@ -407,7 +407,28 @@ def init_distributed(dist: DistInfo, timeout_s: float = 1800.0) -> None:
     )
     if dist.is_main:
         log.info("distributed: %s", dist.describe())
-    check_same_versions(dist)
+    check_same_versions(dist)  # a collective: every rank is past DeepSpeed's shm set-up
+    release_shm_name(dist)
+
+
+def release_shm_name(dist: DistInfo) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has it mapped.
+
+    On a CPU, DeepSpeed's TorchBackend creates a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` per rank, which its peers open by name during
+    ``init_distributed``, and never removes it: every CPU run left 66 MB per rank of RAM-backed
+    files behind (20 GB after a day of tests here, until the machine swapped). The mappings
+    stay valid after the unlink, and the memory is freed when the last rank exits, even on a
+    kill -9. GPUs use NCCL and create no such file.
+    """
+    if dist.device != "cpu":
+        return
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.rank}"
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 # How gloo and NCCL word a dead or stuck peer (torch raises them as plain RuntimeErrors in places).

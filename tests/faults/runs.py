@@ -70,6 +70,18 @@ def make_recipe(root: Path, tokenizer_dir: Path, name: str, **sections: dict) ->
     return path
 
 
+def pretrained_recipe(root: Path, base_dir: Path, name: str, stage: str, **sections: dict) -> Path:
+    """A tiny ``stage`` (cpt or sft) recipe whose weights and tokenizer come from ``base_dir``
+    (an HF dir standing in for pretrained weights): :func:`make_recipe` with its model section
+    replaced (``sections["model"]`` adds to it) and no tokenizer key."""
+    path = make_recipe(root, base_dir, name, **{k: v for k, v in sections.items() if k != "model"})
+    recipe = yaml.safe_load(path.read_text())
+    recipe.update(stage=stage, tokenizer=None)
+    recipe["model"] = {"name_or_path": str(base_dir), "gradient_checkpointing": True, **sections.get("model", {})}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def start(
     recipe: Path, *args: str, env: dict[str, str] | None = None, launcher: str = "spawn"
 ) -> subprocess.Popen:
@@ -115,6 +127,11 @@ def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: 
             )
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (66 MB per rank each)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 def kill_all(proc: subprocess.Popen) -> None:

@@ -15,31 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import EOS, REPO, shared_path, train_tokenizer
+from tests.helpers import CHATML, EOS, R1_TEMPLATE, R1_TOKENS, shared_path, train_tokenizer
 from trainer.data.config import DataConfig
 from trainer.data.formatting import Formatter, split_reasoning
 from trainer.errors import ConfigError, DataError
 
-R1_TEMPLATE = REPO / "tests" / "fixtures" / "deepseek_r1_distill_qwen.jinja"
-R1_TOKENS = [
-    "<｜begin▁of▁sentence｜>",
-    "<｜end▁of▁sentence｜>",
-    "<｜User｜>",
-    "<｜Assistant｜>",
-    "<think>",
-    "</think>",
-]
-
-# ChatML, as Qwen writes it, with {% generation %} around what the assistant produces: the
-# assistant text and <|im_end|>, not the newline after it (see the formatting module docstring).
-CHATML = (
-    "{%- for m in messages %}"
-    "{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 # A Llama-2-like template: no end-of-turn marker after the text but EOS, with a space before it.
 INST = (
     "{{ bos_token }}{%- for m in messages %}"

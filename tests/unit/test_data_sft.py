@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import REPO, WORDS, shared_path, write_json_records
+from tests.helpers import REPO, alpaca_records, shared_path, words, write_json_records
 from tests.unit.test_data_formatting import bpe_file, chat_tokenizer  # noqa: F401 (bpe_file: a fixture)
 from trainer.data import build_eval_batches, build_train_data, write_tokenized_shard
-from trainer.data.pipeline import STATE_VERSION
 from trainer.data.config import DataConfig
 from trainer.data.formatting import Formatter
 from trainer.data.packing import IGNORE_INDEX, Packer
+from trainer.data.pipeline import STATE_VERSION
 from trainer.dist import DistInfo
 from trainer.errors import DataError
 
@@ -36,24 +36,6 @@ ONE = DistInfo()
 @pytest.fixture(scope="module")
 def tok(bpe_file):  # noqa: F811
     return chat_tokenizer(bpe_file)
-
-
-def words(rng: random.Random, lo: int, hi: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
-def alpaca_records(n: int, seed: int = 0) -> list[dict]:
-    """Alpaca rows of varied length; every 7th has an input, every 5th a one-turn history."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        rec = {"instruction": f"q{i} " + words(rng, 1, 12), "input": "", "output": words(rng, 1, 20)}
-        if i % 7 == 0:
-            rec["input"] = words(rng, 1, 6)
-        if i % 5 == 0:
-            rec["history"] = [[words(rng, 1, 4), words(rng, 1, 4)]]
-        out.append(rec)
-    return out
 
 
 def sft_cfg(paths, **kw) -> DataConfig:
@@ -200,7 +182,9 @@ def test_old_state_version_is_a_one_line_error(tmp_path, tok):
     state = data.state_dict()
     assert state["version"] == STATE_VERSION
     state["version"] = STATE_VERSION - 1
-    with pytest.raises(DataError, match=rf"format {STATE_VERSION - 1}, this dstrain reads {STATE_VERSION}") as err:
+    with pytest.raises(
+        DataError, match=rf"format {STATE_VERSION - 1}, this dstrain reads {STATE_VERSION}"
+    ) as err:
         build_train_data(sft_cfg([path]), tok, ONE, 0, 2).load_state_dict(state)
     assert "\n" not in str(err.value)
 
@@ -231,7 +215,11 @@ def test_formatting_change_restarts_the_epoch_on_resume(tmp_path, tok):
     next(it), next(it)
     state = data.state_dict()
     assert state["batches_in_epoch"] == 2
-    for kw in ({"reasoning": "drop"}, {"chat_template": "none"}, {"output_column": "output", "input_column": "x"}):
+    for kw in (
+        {"reasoning": "drop"},
+        {"chat_template": "none"},
+        {"output_column": "output", "input_column": "x"},
+    ):
         resumed = build_train_data(sft_cfg([path], **kw), tok, ONE, 0, 2)
         resumed.load_rank_states(RankStates(own=state, saved_world_size=1, read=lambda r: state))
         assert resumed.epoch == 0 and resumed.batches_in_epoch == 0, kw

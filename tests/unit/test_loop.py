@@ -34,7 +34,13 @@ class Data:
             yield batch(self.epoch * 100 + self.pos - 1)
 
     def end_epoch(self) -> dict:
-        stats = {"epoch": self.epoch, "batches": self.pos, "skipped_docs": 0, "truncated_docs": 0, "no_target_docs": 0}
+        stats = {
+            "epoch": self.epoch,
+            "batches": self.pos,
+            "skipped_docs": 0,
+            "truncated_docs": 0,
+            "no_target_docs": 0,
+        }
         self.epoch, self.pos = self.epoch + 1, 0
         return stats
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from tests.distributed.workers.common import VOCAB, global_rows, micro_batches, tiny_job
 from tests.helpers import tiny_model
 from tests.launch import worker_args
-from trainer.export import consolidated_state_dict
 from trainer.dist import DistInfo, all_reduce_sum, init_distributed
 from trainer.ds_config import build_ds_config
 from trainer.engine import build_engine
+from trainer.export import consolidated_state_dict
 from trainer.loss import causal_lm_of, enable_chunked_loss, uses_chunked_loss
 from trainer.train_module import TrainModule, target_count
 

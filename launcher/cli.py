@@ -15,7 +15,6 @@ Subcommands::
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import shlex
@@ -37,15 +36,16 @@ from launcher.launch import (
     trainer_script,
     write_node_local_config,
 )
+from launcher.preflight import preflight
 from launcher.slurm import TEMPLATE, SlurmJob, render_sbatch
 from trainer.config import (
-    RECIPES_DIR,
     JobConfig,
     build_config,
     deep_merge,
-    is_number,
     parse_overrides,
+    resolve_recipe,
     save_run_yaml,
+    split_overrides,
 )
 from trainer.dist import global_batch_summary
 from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
@@ -64,59 +64,6 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "estimate": ("launcher.estimate", "main", "Plan memory per GPU (ZeRO 0-3), micro-batch and time."),
     "plot": ("trainer.plots", "main", "Draw loss curves from runs' metrics.jsonl, overlaid."),
 }
-
-
-def resolve_recipe(recipe: str) -> Path:
-    """A recipe argument as a file: an existing path, else a built-in ``trainer/recipes/<name>.yaml``."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    builtin = RECIPES_DIR / f"{recipe}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    known = f"; built-in recipes: {', '.join(names)}" if names else ""
-    raise ConfigError(f"recipe {recipe} is neither a file nor a built-in recipe{known}")
-
-
-def own_options(parser: argparse.ArgumentParser) -> set[str]:
-    """The option strings ``parser`` defines itself (``--gpus``, ``-h`` ...)."""
-    # argparse has no public accessor; _actions has been stable since Python 2.7.
-    return {s for action in parser._actions for s in action.option_strings}
-
-
-def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate ``--section.key value`` overrides from the subcommand's own arguments.
-
-    A ``--name`` that is not one of the parser's options is an override and takes the next
-    token as its value (unless written ``--name=value``), wherever it appears, so
-    ``--optim.lr 1e-3`` never becomes a positional. A near miss of an own option (``--gpu``)
-    is an error that names the option rather than a config key.
-    """
-    options = own_options(parser)
-    top_keys = set(JobConfig.__dataclass_fields__)
-    own: list[str] = []
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name = token.split("=", 1)[0]
-        if not token.startswith("--") or token == "--" or name in options:
-            own.append(token)
-            i += 1
-            continue
-        key = name[2:]
-        if "." not in key and key not in top_keys:
-            close = difflib.get_close_matches(name, sorted(options), n=1, cutoff=0.75)
-            if close:
-                raise ConfigError(f"unknown option {name}: did you mean {close[0]}?")
-        overrides.append(token)
-        takes_next = "=" not in token and i + 1 < len(argv)
-        if takes_next and (not argv[i + 1].startswith("--") or is_number(argv[i + 1])):
-            overrides.append(argv[i + 1])
-            i += 1
-        i += 1
-    return own, overrides
 
 
 def format_config_help() -> str:
@@ -201,6 +148,8 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=overrides)
     hardware = detect_hardware()
     nodes, gpus, world_size = run_topology(args, hardware)
+    if not args.dry_run:  # paths, files and --resume, before anything is spawned or written
+        preflight(cfg, args.resume)
     node_rank = args.node_rank or 0
     env = forwarded_env(os.environ, args.env)
     if node_rank == 0:

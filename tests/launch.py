@@ -44,6 +44,10 @@ def venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+#: The `dstrain` command of this interpreter's environment, as users type it.
+DSTRAIN = venv_bin("dstrain")
+
+
 def spawn_cmd(nprocs: int, script: str | Path, args: list[str], port: int | None = None) -> list[str]:
     """dstrain's own per-node spawner (what `dstrain run` becomes): it starts in ~50 ms, where
     DeepSpeed's runner and per-node launcher each import deepspeed first (~10 s on this machine),

@@ -36,6 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.ckpt_layout import (
+    COMPLETE,
+    LATEST,
+    MANIFEST,
+    TRAINER_STATE,
+    complete_newest_first,
+    is_complete,
+    list_checkpoints,
+    newest_complete,
+    step_of,
+)
 from trainer.config import JobConfig, build_config
 from trainer.dist import DistInfo, all_gather_objects, barrier
 from trainer.errors import CheckpointError
@@ -45,11 +56,7 @@ from trainer.state import RankStateful, RankStates, Stateful
 log = logging.getLogger("dstrain")
 
 STATE_VERSION = 2
-COMPLETE = "COMPLETE"
 ONE_PROCESS = DistInfo()  # offline tools (dstrain export/ckpt) verify on their own
-MANIFEST = "MANIFEST.json"  # {file: [size, crc32]} of every file of a save, checked on resume
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------- RNG
@@ -84,44 +91,6 @@ class RNGState:
 
     def load_rank_states(self, states: RankStates) -> None:
         self.load_state_dict(states.own if states.own is not None else states.read(0))
-
-
-# ---------------------------------------------------------------- finding checkpoints
-
-
-def step_of(path: Path) -> int:
-    return int(path.name.split("_", 1)[1])
-
-
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """``step_<N>`` dirs under ``root``, oldest first (complete or not)."""
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(dirs, key=step_of)
-
-
-def complete_newest_first(root: Path) -> list[Path]:
-    """Complete checkpoints, newest first, ``latest``'s first when it names the newest step.
-    Incomplete dirs newer than every complete one are reported and skipped."""
-    found = list_checkpoints(root)
-    complete = [p for p in found if is_complete(p)]
-    for p in found:
-        if not is_complete(p) and (not complete or step_of(p) > step_of(complete[-1])):
-            log.warning(
-                "skipping incomplete checkpoint %s (no %s marker: the save was interrupted)", p, COMPLETE
-            )
-    return complete[::-1]
-
-
-def newest_complete(root: Path) -> Path | None:
-    """The newest complete checkpoint (not verified: see :func:`resolve_resume`)."""
-    complete = complete_newest_first(root)
-    return complete[0] if complete else None
 
 
 def _crc32(path: Path) -> int:

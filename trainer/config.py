@@ -9,7 +9,9 @@ to ``<output_dir>/run.yaml`` and into every checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -385,3 +387,59 @@ def save_run_yaml(cfg: JobConfig, output_dir: str | Path) -> Path:
     tmp.write_text(cfg.to_yaml(), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe argument as a file: an existing path, else a built-in ``trainer/recipes/<name>.yaml``."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    builtin = RECIPES_DIR / f"{recipe}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    known = f"; built-in recipes: {', '.join(names)}" if names else ""
+    raise ConfigError(f"recipe {recipe} is neither a file nor a built-in recipe{known}")
+
+
+def own_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings ``parser`` defines itself (``--gpus``, ``-h`` ...)."""
+    # argparse has no public accessor; _actions has been stable since Python 2.7.
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--section.key value`` overrides from the subcommand's own arguments.
+
+    A ``--name`` that is not one of the parser's options is an override and takes the next
+    token as its value (unless written ``--name=value``), wherever it appears, so
+    ``--optim.lr 1e-3`` never becomes a positional. A near miss of an own option (``--gpu``)
+    is an error that names the option rather than a config key.
+    """
+    options = own_options(parser)
+    top_keys = set(JobConfig.__dataclass_fields__)
+    own: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if not token.startswith("--") or token == "--" or name in options:
+            own.append(token)
+            i += 1
+            continue
+        key = name[2:]
+        if "." not in key and key not in top_keys:
+            close = difflib.get_close_matches(name, sorted(options), n=1, cutoff=0.75)
+            if close:
+                raise ConfigError(f"unknown option {name}: did you mean {close[0]}?")
+        overrides.append(token)
+        takes_next = "=" not in token and i + 1 < len(argv)
+        if takes_next and (not argv[i + 1].startswith("--") or is_number(argv[i + 1])):
+            overrides.append(argv[i + 1])
+            i += 1
+        i += 1
+    return own, overrides

@@ -45,7 +45,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from trainer.config import RECIPES_DIR, JobConfig, build_config, deep_merge, is_number, parse_overrides
+from trainer.config import (
+    JobConfig,
+    build_config,
+    deep_merge,
+    parse_overrides,
+    resolve_recipe,
+    split_overrides,
+)
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -687,38 +694,6 @@ def diagnose(job: JobConfig) -> tuple[list[Finding], str]:
 # ---------------------------------------------------------------------------------- command
 
 
-def recipe_file(recipe: str) -> Path:
-    """A recipe argument as a file: a path, else a built-in ``trainer/recipes/<name>.yaml``."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    builtin = RECIPES_DIR / f"{recipe}.yaml"
-    if builtin.is_file():
-        return builtin
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"recipe {recipe} is neither a file nor a built-in recipe ({names})")
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``--section.key value`` overrides (a dotted name) apart from the doctor's own arguments;
-    an override's value is the next token unless written ``--k=v`` (``-2`` and ``1e-3`` included)."""
-    own: list[str] = []
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--") and "." in token.split("=", 1)[0]:
-            overrides.append(token)
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if "=" not in token and nxt is not None and (not nxt.startswith("--") or is_number(nxt)):
-                overrides.append(nxt)
-                i += 1
-        else:
-            own.append(token)
-        i += 1
-    return own, overrides
-
-
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """While active, whatever is written to stdout (file descriptor 1 included) goes to stderr:
@@ -783,7 +758,7 @@ def print_report(findings: list[Finding], summary: str, stream: TextIO, as_json:
 def load_job(recipe: str | None, overrides: dict[str, Any]) -> JobConfig:
     """The recipe (or the config defaults) with overrides; the tokenizer is never loaded."""
     if recipe is not None:
-        return build_config(config_path=recipe_file(recipe), overrides=overrides)
+        return build_config(config_path=resolve_recipe(recipe), overrides=overrides)
     return build_config(base={"tokenizer": "unused"}, overrides=overrides)
 
 
@@ -792,7 +767,6 @@ def doctor_main(argv: list[str] | None = None) -> int:
 
     A DstrainError (bad recipe or override) propagates to ``dstrain``'s one-line error, exit 2.
     """
-    own, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(
         prog="dstrain doctor",
         description="Check that this machine can run a recipe: Python, torch, CUDA and GPUs, nccl/gloo, "
@@ -815,6 +789,7 @@ def doctor_main(argv: list[str] | None = None) -> int:
         default=None,
         help="Check the disk under this directory instead of the recipe's output_dir.",
     )
+    own, overrides = split_overrides(parser, sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(own)
     extra = parse_overrides(overrides)
     if args.output_dir is not None:

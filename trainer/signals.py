@@ -12,9 +12,11 @@ otherwise take the rank down before it could save.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so that ours (below) runs before it
 import signal
+import threading
 from typing import Any
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please requeue"; the SLURM template keys on it
@@ -35,9 +37,16 @@ def kill_daemonic_children() -> None:
     hang instead of exiting (seen with a dataloader iterator still alive at exit). atexit runs
     hooks last-in first-out, and this one is registered after multiprocessing's.
     """
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    # The DataLoader's SIGCHLD handler raises (a traceback at exit) when a worker dies; here
+    # they die on purpose.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+        with contextlib.suppress(Exception):
             child.join(timeout=10)
 
 

@@ -77,7 +77,11 @@ def pretrained_recipe(root: Path, base_dir: Path, name: str, stage: str, **secti
     path = make_recipe(root, base_dir, name, **{k: v for k, v in sections.items() if k != "model"})
     recipe = yaml.safe_load(path.read_text())
     recipe.update(stage=stage, tokenizer=None)
-    recipe["model"] = {"name_or_path": str(base_dir), "gradient_checkpointing": True, **sections.get("model", {})}
+    recipe["model"] = {
+        "name_or_path": str(base_dir),
+        "gradient_checkpointing": True,
+        **sections.get("model", {}),
+    }
     path.write_text(yaml.safe_dump(recipe))
     return path
 

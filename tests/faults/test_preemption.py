@@ -15,20 +15,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.faults import runs
-from tests.launch import start
+from tests.launch import DSTRAIN, start
 from trainer.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 30
 STEPS = range(1, MAX_STEPS + 1)
-DSTRAIN = Path(sys.executable).parent / "dstrain"
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,12 @@ import psutil
 import pytest
 
 from tests.faults import runs
-from tests.launch import free_port, start, venv_bin
+from tests.launch import DSTRAIN, free_port, start, venv_bin
 from trainer.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 30
 STEPS = range(1, MAX_STEPS + 1)
-DSTRAIN = Path(sys.executable).parent / "dstrain"
 
 
 @pytest.fixture(scope="module")

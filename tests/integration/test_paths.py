@@ -11,10 +11,9 @@ import torch
 from safetensors import safe_open
 
 from tests.faults import runs
-from tests.launch import run_group, venv_bin
+from tests.launch import DSTRAIN, run_group
 
 pytestmark = pytest.mark.distributed
-DSTRAIN = venv_bin("dstrain")
 PROBE = torch.arange(1, 40).view(3, 13)
 
 

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.faults import runs
-from tests.launch import cpu_env
+from tests.launch import DSTRAIN, cpu_env
 from tests.slurm_cluster import LocalCluster, require_tool
 from trainer.dist import expand_hostlist
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 30
 STEPS = range(1, MAX_STEPS + 1)
-DSTRAIN = Path(sys.executable).parent / "dstrain"
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import launcher.cli as cli
+import trainer.config as config
 from launcher.cli import main, split_overrides
 from launcher.hosts import forwarded_env, read_hostfile
 from launcher.launch import Hardware, LaunchPlan, build_launch_command, node_local_config, trainer_script
@@ -275,7 +276,7 @@ def test_forwarded_env_and_hostfile_reading(tmp_path: Path) -> None:
 
 
 def test_builtin_recipe_name_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "RECIPES_DIR", tmp_path)
+    monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
     (tmp_path / "demo.yaml").write_text("tokenizer: some/dir\n")
     assert cli.resolve_recipe("demo") == tmp_path / "demo.yaml"
     with pytest.raises(ConfigError, match="built-in recipes: demo"):

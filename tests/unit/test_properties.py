@@ -17,7 +17,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from launcher import cli
-from trainer import doctor
 from trainer.config import SECTIONS, JobConfig, build_config, deep_merge, parse_overrides, set_dotted
 from trainer.data.packing import IGNORE_INDEX, Chunk, Packer, Row, chunk_document, collate
 from trainer.data.sharding import (
@@ -137,8 +136,6 @@ def test_numbers_that_look_like_flags_are_values(eps: str, seed: int) -> None:
     own, overrides = cli.split_overrides(parser, argv)
     assert own == ["recipe.yaml", "--zero", "2"]
     assert overrides == ["--optim.eps", eps, "--seed", str(seed)]
-    dotted = ["recipe.yaml", "--optim.eps", eps, "--json"]
-    assert doctor.split_overrides(dotted) == (["recipe.yaml", "--json"], ["--optim.eps", eps])
     cfg = build_config(base={"tokenizer": "unused"}, overrides=overrides)
     assert cfg.optim.eps == float(eps) and cfg.seed == seed
 
@@ -373,7 +370,7 @@ def pack_all(chunks: list[Chunk], seq_len: int) -> list[Row]:
 
 def token_owner(chunks: list[Chunk]) -> dict[int, tuple[int, int, int]]:
     """token value -> (chunk index, offset in the chunk, doc id)."""
-    return {int(t): (c, i, doc) for c, (doc, tokens) in enumerate(chunks) for i, t in enumerate(tokens)}
+    return {int(t): (c, i, doc) for c, (doc, tokens, _) in enumerate(chunks) for i, t in enumerate(tokens)}
 
 
 def pieces(row: Row, owner: dict[int, tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -432,7 +429,7 @@ def assert_labels_are_ids_but_boundaries_and_padding(chunks: list[Chunk], rows: 
 def test_chunk_document_cuts_into_full_pieces(stream: tuple[list[Chunk], int]) -> None:
     chunks, seq_len = stream
     by_doc: dict[int, list[np.ndarray]] = {}
-    for doc, tokens in sorted(chunks, key=lambda c: int(c[1][0])):
+    for doc, tokens, _ in sorted(chunks, key=lambda c: int(c[1][0])):
         by_doc.setdefault(doc, []).append(tokens)
     for pieces_of_doc in by_doc.values():
         joined = np.concatenate(pieces_of_doc)

@@ -158,7 +158,7 @@ class Formatter:
         self._end_markers: tuple[str, ...] = ()
         self._turn_end: str | None = None
         self._verified = False
-        if self.supervised:
+        if self.supervised and tokenizer is not None:  # None: only the columns (a pre-flight)
             self._setup_chat(cfg)
 
     # -- set-up ------------------------------------------------------------------------------------

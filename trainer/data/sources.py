@@ -277,7 +277,10 @@ def describe_file(path: Path, columns: Columns | str) -> SourceFile:
         return SourceFile(
             str(path), kind, tokenized, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns, present
         )
-    groups, has_doc_id = _index_json(path, kind, columns)
+    try:
+        groups, has_doc_id = _index_json(path, kind, columns)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
     return SourceFile(
         str(path), kind, False, has_doc_id, tuple(groups), stat.st_size, stat.st_mtime_ns, columns.names
     )
@@ -402,7 +405,7 @@ def _index_json(path: Path, kind: FileKind, columns: Columns) -> tuple[list[Grou
             if kind == "jsonl":
                 try:
                     value = json.loads(value)
-                except json.JSONDecodeError as exc:
+                except json.JSONDecodeError as exc:  # UnicodeDecodeError: describe_file's
                     raise DataError(
                         f"{path} line 1: invalid JSON ({exc.msg}); fix or re-export the file"
                     ) from None
@@ -431,11 +434,42 @@ def _json_records(src: SourceFile, group: Group) -> Iterator[tuple[int, Any]]:
                 raise DataError(
                     f"{src.path} record {line_no} (non-blank line): invalid JSON ({exc.msg}); fix the line"
                 ) from None
+            except UnicodeDecodeError as exc:
+                raise not_utf8(Path(src.path), exc, f" record {line_no} (non-blank line)") from None
     else:
-        for k, (_, value) in enumerate(_iter_json_array(src.path, group.offset)):
-            if k >= group.rows:
-                return
-            yield group.first_row + k, value
+        try:
+            for k, (_, value) in enumerate(_iter_json_array(src.path, group.offset)):
+                if k >= group.rows:
+                    return
+                yield group.first_row + k, value
+        except UnicodeDecodeError as exc:
+            raise not_utf8(Path(src.path), exc) from None
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError, where: str = "") -> DataError:
+    return DataError(
+        f"{path}{where}: not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk); re-export it as "
+        "UTF-8 (e.g. iconv -f GBK -t UTF-8 IN > OUT)"
+    )
+
+
+def first_record(path: Path) -> Any:
+    """The first record of a json (array) or jsonl file, reading no further (a pre-flight check)."""
+    try:
+        if file_kind(path) == "jsonl":
+            for _, line_no, line in _iter_jsonl(str(path)):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path} line {line_no + 1}: invalid JSON ({exc.msg}); fix the line"
+                    ) from None
+        else:
+            for _, value in _iter_json_array(str(path)):
+                return value
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+    raise DataError(f"{path} holds no records; remove it from the file list")
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -3,4 +3,4 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/unit -k config`.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-python -m pytest -q "${@:-tests}"
+python -m pytest -q --durations=15 "${@:-tests}"

@@ -11,7 +11,7 @@ action, the rank it hits, the point in the code and optionally the optimizer ste
 - ``nan_rank1_in_step:5x3``   the same three times (a skipped step is tried again as step 5);
 - ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests);
 - ``sleep_rank0_in_eval``     a 2 s pause inside every eval (a slow eval);
-- ``hang_rank1_in_plan:3``    a 20 s stall before step 3's agreement (a stuck rank);
+- ``hang_rank1_in_plan:3``    a 12 s stall before step 3's agreement (a stuck rank);
 - ``oldtorch_rank1_at_start`` rank 1 reports torch 0.0.0 in the start-up version check.
 
 A spec fires once per process unless it says ``x<times>``. Unset (every real run), :func:`fault`
@@ -29,7 +29,7 @@ log = logging.getLogger("dstrain")
 
 FAULT_ENV = "DSTRAIN_FAULT"
 SLEEP_S = 2.0
-HANG_S = 20.0
+HANG_S = 12.0
 
 
 _fired: dict[str, int] = {}

@@ -76,7 +76,7 @@ def test_out_of_memory_is_one_line_with_what_to_try(root, tiny_tokenizer_dir):
 
 
 def test_a_stuck_rank_is_named_with_the_phase_not_a_hang(root, tiny_tokenizer_dir):
-    """Rank 1 stalls 20 s before step 3 while rank 0 waits in the step's agreement with
+    """Rank 1 stalls 12 s before step 3 while rank 0 waits in the step's agreement with
     train.collective_timeout_s 5: rank 0 stops with one line naming itself and the phase."""
     name = "stuck"
     recipe = runs.make_recipe(

@@ -17,6 +17,7 @@ from trainer.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.distributed
 STEPS = range(1, 41)
+SHORT = range(1, 16)  # the ZeRO-3 and Muon kill tests: one kill after a save, 15 steps suffice
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,17 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("faults")
 
 
-def run_reference(root, tokenizer_dir, stage: int, name: str | None = None, **sections) -> dict[int, dict]:
-    """The uninterrupted 40-step run for a ZeRO stage (and other recipe sections)."""
+def run_reference(
+    root, tokenizer_dir, stage: int, name: str | None = None, steps: range = STEPS, **sections
+) -> dict[int, dict]:
+    """The uninterrupted run for a ZeRO stage (and other recipe sections)."""
     name = name or f"ref_z{stage}"
+    sections["train"] = {"max_steps": steps.stop - 1, **sections.get("train", {})}
     recipe = runs.make_recipe(root, tokenizer_dir, name, zero={"stage": stage}, **sections)
     code, out = runs.run(recipe)
     assert code == 0, out[-4000:]
     got = runs.metrics(root / name)
-    assert sorted(got) == list(STEPS)
+    assert sorted(got) == list(steps)
     return got
 
 
@@ -42,22 +46,22 @@ def ref_z2(root, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def ref_z3(root, tiny_tokenizer_dir):
-    return run_reference(root, tiny_tokenizer_dir, 3)
+    return run_reference(root, tiny_tokenizer_dir, 3, steps=SHORT)
 
 
 @pytest.fixture(scope="module")
 def ref_muon(root, tiny_tokenizer_dir):
-    return run_reference(root, tiny_tokenizer_dir, 2, optim={"name": "muon"}, name="ref_muon")
+    return run_reference(root, tiny_tokenizer_dir, 2, optim={"name": "muon"}, name="ref_muon", steps=SHORT)
 
 
 @pytest.mark.parametrize("case", ["z3", "muon"], ids=["zero3", "muon-zero2"])
 def test_kill9_after_a_save_then_resume_is_exact(case, request, root, tiny_tokenizer_dir):
     """ZeRO-2 with AdamW is the kill chain's; here ZeRO-3 (through `deepspeed`) and Muon."""
     want = request.getfixturevalue(f"ref_{case}")
-    kill_at = random.Random(case).randint(11, 19)
+    kill_at = random.Random(case).randint(7, 13)  # after the save at step 5 or 10
     name = f"kill_{case}"
     sections = {"optim": {"name": "muon"}} if case == "muon" else {"zero": {"stage": int(case[1])}}
-    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, **sections)
+    recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"max_steps": SHORT.stop - 1}, **sections)
     # The README's command for ZeRO-3 (`deepspeed --num_gpus N trainer/main.py`), the spawner for Muon.
     launcher = "deepspeed" if case == "z3" else "spawn"
     proc = runs.start(recipe, launcher=launcher)
@@ -66,7 +70,7 @@ def test_kill9_after_a_save_then_resume_is_exact(case, request, root, tiny_token
     code, out = runs.run(recipe, "--resume", launcher=launcher)
     assert code == 0, out[-4000:]
     assert "resumed from" in out
-    runs.assert_same_run(runs.metrics(root / name), want, STEPS)
+    runs.assert_same_run(runs.metrics(root / name), want, SHORT)
 
 
 SFT_STEPS = range(1, 17)
@@ -201,7 +205,7 @@ def test_sigterm_to_one_rank_saves_the_same_step_everywhere(ref_z2, root, tiny_t
     runs.rank_processes(proc.pid)[1].send_signal(signal.SIGTERM)
     code, out = runs.finish(proc)
     assert code == PREEMPTED_EXIT_CODE, out[-4000:]
-    assert "fault injection: SIGTERM at in_save" in out, "the second signal was sent during the save"
+    assert "fault injection: signal at in_save" in out, "the second signal was sent during the save"
     ckpts = root / name / "checkpoints"
     saved = (ckpts / "latest").read_text()
     step = int(saved.split("_")[1])
@@ -256,7 +260,7 @@ def test_export_of_a_zero3_checkpoint_matches_the_engine_export(ref_z3, root):
     from trainer.export import export_main
 
     out = root / "z3_export"
-    assert export_main([str(root / "ref_z3" / "checkpoints" / "step_40"), str(out), "--dtype", "fp32"]) == 0
+    assert export_main([str(root / "ref_z3" / "checkpoints" / "step_15"), str(out), "--dtype", "fp32"]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     live = AutoModelForCausalLM.from_pretrained(root / "ref_z3" / "hf", dtype=torch.float32).eval()
     assert all(p.numel() > 0 for p in exported.parameters())

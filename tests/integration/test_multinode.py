@@ -141,7 +141,7 @@ def test_deepspeed_saves_on_sigterm_to_its_launcher_and_bare_srun_tasks_resume_e
     it then exits 1 whatever the ranks returned. The resume runs as two bare srun tasks."""
     recipe = recipe_for(root, tiny_tokenizer_dir, "deepspeed")
     out = root / "deepspeed"
-    runner = runs.start(recipe)
+    runner = runs.start(recipe, launcher="deepspeed")
     runs.wait_for_step(runner, out, 2)
     code = stop_and_check_save(runner, deepspeed_node_launcher(runner), out, at_step=8)
     assert code == 1, "deepspeed's exit status after SIGTERM changed: update README (Pre-emption)"

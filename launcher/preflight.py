@@ -71,19 +71,14 @@ def check_data(job: JobConfig) -> None:
     from trainer.data.sources import HUB_PREFIX, describe_file, file_kind, first_record, resolve_paths
 
     columns = Formatter(job.data, None).source_columns()
-    lists = [("data.train", job.data.train), ("data.validation", job.data.validation or [])]
-    for key, specs in lists:
+    for key, specs in (("data.train", job.data.train), ("data.validation", job.data.validation or [])):
         local = [s for s in specs if not str(s).startswith(HUB_PREFIX)]
-        if key == "data.train" and not specs:
-            resolve_paths(specs, key)  # its error names the key
-        if not local:
-            continue
-        for path in resolve_paths(local, key):
-            if path.is_dir() or file_kind(path) in ("parquet", "arrow"):
-                if path.is_file():
-                    src = describe_file(path, columns)
-                    if not sum(g.rows for g in src.groups):
-                        raise DataError(f"{path} holds no rows; remove it from --{key}")
+        if not local and (specs or key == "data.validation"):
+            continue  # hub datasets only: the ranks download and check them
+        for path in resolve_paths(local, key):  # an empty data.train is its error
+            if file_kind(path) in ("parquet", "arrow"):
+                if not sum(g.rows for g in describe_file(path, columns).groups):
+                    raise DataError(f"{path} holds no rows; remove it from --{key}")
                 continue
             record = first_record(path)
             if not isinstance(record, dict):

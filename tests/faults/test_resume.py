@@ -88,7 +88,12 @@ def lora_sft_recipe(root, tokenizer_dir, name: str):
         base,
         name,
         "sft",
-        data={"train": [str(root / "alpaca.jsonl")], "format": "alpaca", "max_seq_len": 64},
+        data={
+            "train": [str(root / "alpaca.jsonl")],
+            "format": "alpaca",
+            "max_seq_len": 64,
+            "validation_fraction": 0.0,
+        },
         lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
         optim={"lr": 1e-2},
         train={"max_steps": SFT_STEPS.stop - 1},
@@ -104,8 +109,26 @@ def test_kill9_of_a_lora_sft_run_after_a_save_then_resume_is_exact(root, tiny_to
     assert code == 0, out[-4000:]
     want = runs.metrics(root / "sft_ref")
     assert sorted(want) == list(SFT_STEPS)
-    epochs = [json.loads(x) for x in (root / "sft_ref" / "metrics.jsonl").read_text().splitlines()]
-    assert any("epoch_end" in r for r in epochs), "the run must cross an epoch boundary"
+    records = [json.loads(x) for x in (root / "sft_ref" / "metrics.jsonl").read_text().splitlines()]
+    ends = [r for r in records if "epoch_end" in r]
+    assert ends, "the run must cross an epoch boundary"
+    # Each epoch record counts, over both ranks, the samples cut to max_seq_len 64 and those
+    # left with no response token: the formatter's own lengths and masks say how many.
+    from transformers import AutoTokenizer
+
+    from trainer.data.config import DataConfig
+    from trainer.data.formatting import Formatter
+
+    formatter = Formatter(
+        DataConfig(train=["x"], format="alpaca"), AutoTokenizer.from_pretrained(root / "chat_base")
+    )
+    samples = formatter.format_batch(alpaca_records(120, seed=5), str)
+    long = [s for s in samples if len(s.ids) > 64]
+    no_target = sum(not s.mask[:64].any() for s in long)
+    assert long and (ends[0]["truncated_docs"], ends[0]["no_target_docs"]) == (
+        len(long) - no_target,
+        no_target,
+    )
     recipe = lora_sft_recipe(root, tiny_tokenizer_dir, "sft_kill")
     proc = runs.start(recipe)
     kill_at = random.Random("lora").randint(7, 14)

@@ -405,7 +405,7 @@ def _index_json(path: Path, kind: FileKind, columns: Columns) -> tuple[list[Grou
             if kind == "jsonl":
                 try:
                     value = json.loads(value)
-                except json.JSONDecodeError as exc:  # UnicodeDecodeError: describe_file's
+                except json.JSONDecodeError as exc:  # (not UTF-8: describe_file reports it)
                     raise DataError(
                         f"{path} line 1: invalid JSON ({exc.msg}); fix or re-export the file"
                     ) from None

@@ -39,8 +39,10 @@ class ModelConfig(ConfigBase):
         None, "Pretrained weights (local dir or hub id) for cpt/sft; null builds random weights."
     )
     overrides: dict[str, Any] = opt(dict, "Architecture fields to change, e.g. {hidden_size: 512}.")
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = opt(
-        "auto", "Attention kernel; auto = flash_attention_2 when usable (CUDA, bf16/fp16), else sdpa."
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = opt(
+        "auto",
+        "Attention kernel; auto = flash_attention_2 when usable (CUDA, bf16/fp16), else sdpa. "
+        "Every choice keeps packed documents apart.",
     )
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
     trust_remote_code: bool = opt(

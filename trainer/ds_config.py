@@ -49,12 +49,8 @@ STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
 SUB_GROUP_SIZE = 1_000_000_000
 
-# Dynamic fp16 loss scaling: start at 2**16, halve after `hysteresis` overflows, double after
-# `loss_scale_window` clean steps, never below 1.
-FP16_INITIAL_SCALE_POWER = 16
-FP16_LOSS_SCALE_WINDOW = 1000
-FP16_HYSTERESIS = 2
-FP16_MIN_LOSS_SCALE = 1
+# torch_autocast dtype per training precision (DeepSpeed parses these names).
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 # The golden templates: file stem -> zero section of the reference job.
 TEMPLATES: dict[str, dict[str, Any]] = {
@@ -96,19 +92,27 @@ def resolve_precision(dtype: str, on_gpu: bool, bf16_supported: bool = True) -> 
 
 
 def precision_block(precision: Precision) -> dict[str, Any]:
-    """The ``bf16`` and ``fp16`` sections; both present so the JSON states fp32 explicitly."""
+    """Mixed precision as torch autocast over fp32 parameters (DeepSpeed's ``torch_autocast``).
+
+    Why not DeepSpeed's ``bf16``/``fp16`` sections: they make the parameters 16-bit, and then
+    DeepSpeed 0.19.8 sums the micro-batches' gradients in 16-bit at ZeRO-2 and -3 whatever
+    ``data_types.grad_accum_dtype`` says (the gradient partition has the parameters' dtype), and
+    ZeRO-0 falls back to a per-parameter unfused optimizer. With fp32 parameters under autocast the
+    matmuls still run in 16-bit, each micro-batch's gradient is added to an fp32 gradient at every
+    stage (what a bare loop and HF Trainer do), the master weights *are* the parameters, and ZeRO-0
+    steps our own fused AdamW. The cost: parameters held in fp32 (4 bytes, not 2, for the part that
+    is not partitioned; ``dstrain estimate`` counts it) and a 16-bit copy of each weight made per
+    forward. DeepSpeed reduces the gradients of ``nn.Linear`` weights in the autocast dtype (their
+    values are already 16-bit products, so nothing is lost before the sum over ranks) and the rest
+    in fp32. fp16 gets a ``torch.amp.GradScaler`` from DeepSpeed (dynamic loss scaling).
+    The ``bf16``/``fp16`` sections stay, disabled, so the JSON states it explicitly.
+    """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    fp16: dict[str, Any] = {"enabled": precision == "fp16"}
-    if precision == "fp16":
-        fp16.update(
-            loss_scale=0,  # 0 = dynamic loss scaling
-            initial_scale_power=FP16_INITIAL_SCALE_POWER,
-            loss_scale_window=FP16_LOSS_SCALE_WINDOW,
-            hysteresis=FP16_HYSTERESIS,
-            min_loss_scale=FP16_MIN_LOSS_SCALE,
-        )
-    return {"bf16": {"enabled": precision == "bf16"}, "fp16": fp16}
+    block: dict[str, Any] = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    if precision != "fp32":
+        block["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision]}
+    return block
 
 
 def zero_block(job: JobConfig, on_gpu: bool) -> dict[str, Any]:
@@ -168,6 +172,12 @@ def optimizer_block(job: JobConfig) -> dict[str, Any]:
     return {"type": "AdamW", "params": params}
 
 
+def optimizer_clips(job: JobConfig, precision: Precision) -> bool:
+    """Whether the client optimizer (ZeRO-0, no DeepSpeed optimizer block) clips the gradients."""
+    ds_builds_optimizer = job.zero.offload_optimizer or job.optim.name == "muon"
+    return job.zero.stage == 0 and not ds_builds_optimizer and precision != "fp16"
+
+
 def build_ds_config(job: JobConfig, precision: Precision, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config dict for ``job`` at ``precision`` (pure: no I/O, no hardware probe).
 
@@ -182,7 +192,10 @@ def build_ds_config(job: JobConfig, precision: Precision, on_gpu: bool) -> dict[
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
         "gradient_accumulation_steps": job.train.grad_accum,
-        "gradient_clipping": job.optim.max_grad_norm,
+        # ZeRO-0 with our own AdamW: the optimizer clips (trainer.optim.FiniteAdamW); DeepSpeed's
+        # clipping there is a per-parameter Python loop whose norm is not kept. fp16 keeps
+        # DeepSpeed's, which unscales the gradients (GradScaler) before it clips.
+        "gradient_clipping": 0.0 if optimizer_clips(job, precision) else job.optim.max_grad_norm,
         **precision_block(precision),
         "zero_optimization": zero_block(job, on_gpu),
         "steps_per_print": STEPS_PER_PRINT,

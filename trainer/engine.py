@@ -22,7 +22,9 @@ def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, An
     if "optimizer" in ds_config:
         optimizer, parameters = None, param_groups(model, job.optim)
     else:
-        optimizer, parameters = build_optimizer(model, job.optim, job.zero.stage), None
+        clip_in_optimizer = job.zero.stage == 0 and not ds_config.get("gradient_clipping")
+        optimizer = build_optimizer(model, job.optim, job.zero.stage, clip_in_optimizer=clip_in_optimizer)
+        parameters = None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameters,
@@ -54,6 +56,8 @@ def apply_hyperparameters(engine: Any, job: JobConfig) -> None:
     """
     optim = job.optim
     groups = optimizer_groups(engine)
+    scheduler = engine.lr_scheduler
+    defaults = (scheduler.optimizer if scheduler is not None else engine.optimizer).defaults
     base_lrs = []
     for group in groups:
         muon = bool(group.get("use_muon"))
@@ -66,8 +70,10 @@ def apply_hyperparameters(engine: Any, job: JobConfig) -> None:
         if "weight_decay" in group:
             decayed = str(group.get("name", "")).startswith(DECAY)
             group["weight_decay"] = optim.weight_decay if decayed else 0.0
+        for kernel in ("fused", "foreach"):  # a saved group brings its kernel choice back
+            if kernel in group and kernel in defaults:
+                group[kernel] = defaults[kernel]
         base_lrs.append(optim.muon_lr if muon else optim.lr)
-    scheduler = engine.lr_scheduler
     if scheduler is not None and base_lrs:
         scheduler.base_lrs = base_lrs
         factor = scheduler.lr_lambdas[0](scheduler.last_epoch)

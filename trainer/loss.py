@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.packing import IGNORE_INDEX
+from trainer.feed import Feed, build_feed
+from trainer.labels import IGNORE_INDEX
 
 log = logging.getLogger("dstrain")
 
@@ -55,15 +56,8 @@ DEFAULT_CHUNK_BYTES = 128 * 2**20
 # Decoders whose forward is "decoder, then lm_head(hidden)" with nothing applied to the logits
 # (no soft-capping or scaling), so running the two directly gives the same loss.
 CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 # Arguments peft and HF callers pass that the loss-only forward does not use.
 UNUSED_FORWARD_ARGS = ("labels", "return_dict", "output_attentions", "output_hidden_states", "inputs_embeds")
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] labels -> [B, T] targets: position t holds label t + 1, the last column is ignored."""
-    pad = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
-    return torch.cat([labels[:, 1:], pad], dim=1)
 
 
 def chunk_rows_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -77,14 +71,20 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden[i] @ weight.T + bias, targets[i]) without the full logits.
 
-    forward keeps each token's log-sum-exp (4 bytes a token); backward recomputes each chunk's
-    logits, turns them into softmax - one_hot in place, and accumulates the weight gradient in fp32
-    (rounding once at the end, as one big matmul would) while writing the hidden gradient's rows.
-    With 16-bit weights that accumulator and one chunk's product cost 6 bytes per weight element
-    during backward (3.3 GB for Qwen2.5-7B's head), whatever the number of tokens.
+    The matmuls run in ``compute_dtype`` (the autocast dtype under mixed precision: the head's
+    fp32 weight is cast once per forward and once per backward, as autocast would cast it per
+    call); the softmax, the loss and the weight gradient's sum are fp32. forward keeps each
+    token's log-sum-exp (4 bytes a token); backward recomputes each chunk's logits, turns them
+    into softmax - one_hot in place, and accumulates the weight gradient in fp32 over the chunks,
+    returned as is to an fp32 weight (no 16-bit rounding of the sum, unlike one big autocast
+    matmul) while writing the hidden gradient's rows.
     """
 
     @staticmethod
@@ -95,13 +95,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk_rows: int,
+        compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         lse = torch.empty(hidden.size(0), dtype=acc_dtype, device=hidden.device)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         for start in range(0, hidden.size(0), chunk_rows):
             stop = start + chunk_rows
-            logits = _chunk_logits(hidden[start:stop], weight, bias)
+            logits = _chunk_logits(_cast(hidden[start:stop], compute_dtype), w, b)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
             total += (chunk_lse - picked).sum()
@@ -109,13 +111,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_rows = chunk_rows
+        ctx.compute_dtype = compute_dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
+        cdt = ctx.compute_dtype
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        w, b = _cast(weight, cdt), _cast(bias, cdt)
+        grad_hidden = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_hidden else None
         acc_dtype = lse.dtype
         grad_weight = (
             torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
@@ -128,28 +133,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows = torch.arange(ctx.chunk_rows, device=hidden.device)
         for start in range(0, hidden.size(0), ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, hidden.size(0))
-            chunk = hidden[start:stop]
-            probs = _chunk_logits(chunk, weight, bias).sub_(lse[start:stop, None]).exp_()
+            chunk = _cast(hidden[start:stop], cdt)
+            probs = _chunk_logits(chunk, w, b).sub_(lse[start:stop, None]).exp_()
             probs[rows[: stop - start], targets[start:stop]] -= 1.0
             probs.mul_(grad_total)
             if grad_bias is not None:
                 grad_bias += probs.sum(0)
-            grad_logits = probs.to(hidden.dtype)
+            grad_logits = probs.to(cdt)
             del probs
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
+                torch.mm(grad_logits, w, out=grad_hidden[start:stop])
             if grad_weight is not None and grad_weight.dtype == chunk.dtype:
                 grad_weight.addmm_(grad_logits.t(), chunk)
             elif grad_weight is not None:  # a 16-bit product per chunk, summed in fp32
                 grad_weight += grad_logits.t().mm(chunk)
             del grad_logits
         return (
-            grad_hidden,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            _cast(grad_hidden, hidden.dtype),
+            _cast(grad_weight, weight.dtype),
+            _cast(grad_bias, bias.dtype) if bias is not None else None,
+            None,
             None,
             None,
         )
+
+
+def compute_dtype_for(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's when it is on for the tensor's device."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
 
 
 def liger_available(device: torch.device) -> bool:
@@ -160,31 +174,40 @@ def liger_available(device: torch.device) -> bool:
 def linear_cross_entropy_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    shifted_labels: torch.Tensor,
+    targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     use_liger: bool | None = None,
+    target_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum of CE(hidden @ weight.T + bias, shifted_labels) over the targets, fp32, chunked.
+    """Sum of CE(hidden @ weight.T + bias, targets) over the targets, fp32, chunked.
 
-    ``hidden`` is [..., H] and ``shifted_labels`` the matching [...] targets (-100 = no loss). Only
-    the target positions go through the head: prompt tokens masked in SFT cost no vocab matmul.
+    ``hidden`` is [..., H] and ``targets`` the matching [...] shifted labels (-100 = no loss).
+    ``target_index`` (the flat positions that carry a loss, computed on the host by
+    :func:`trainer.feed.build_feed`) selects them without reading the labels back from the device;
+    without it, positions are selected here (a host sync on a GPU). Only the target positions go
+    through the head: prompt tokens masked in SFT cost no vocab matmul.
     ``use_liger`` None = Liger when :func:`liger_available`.
     """
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
-    flat_targets = shifted_labels.reshape(-1)
-    keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-    if keep.numel() != flat_targets.numel():
-        flat_hidden, flat_targets = flat_hidden.index_select(0, keep), flat_targets.index_select(0, keep)
+    flat_targets = targets.reshape(-1)
+    if target_index is None and bool((flat_targets == IGNORE_INDEX).any()):
+        target_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if target_index is not None:
+        flat_hidden = flat_hidden.index_select(0, target_index)
+        flat_targets = flat_targets.index_select(0, target_index)
+    compute_dtype = compute_dtype_for(hidden)
     if use_liger is None:
         use_liger = liger_available(hidden.device)
     if use_liger and flat_targets.numel():
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        out = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, flat_hidden, flat_targets, bias)
+        out = LigerFusedLinearCrossEntropyLoss(reduction="sum")(
+            _cast(weight, compute_dtype), _cast(flat_hidden, compute_dtype), flat_targets, _cast(bias, compute_dtype)
+        )
         return (out[0] if isinstance(out, tuple) else out).float()
     rows = chunk_rows_for(weight.size(0), chunk_bytes)
-    return ChunkedLinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, rows)
+    return ChunkedLinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, rows, compute_dtype)
 
 
 class ChunkedLMHead(nn.Linear):
@@ -201,10 +224,17 @@ class ChunkedLMHead(nn.Linear):
         self.bias = head.bias
         self.chunk_bytes = chunk_bytes
 
-    def forward(self, hidden: torch.Tensor, shifted_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        shifted_labels: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if shifted_labels is None:
             return super().forward(hidden)
-        return linear_cross_entropy_sum(hidden, self.weight, shifted_labels, self.bias, self.chunk_bytes)
+        return linear_cross_entropy_sum(
+            hidden, self.weight, shifted_labels, self.bias, self.chunk_bytes, target_index=target_index
+        )
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -216,10 +246,15 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 
 
 def _forward_with_loss(
-    self: nn.Module, *args: Any, shifted_labels: torch.Tensor | None = None, **kwargs: Any
+    self: nn.Module,
+    *args: Any,
+    shifted_labels: torch.Tensor | None = None,
+    target_index: torch.Tensor | None = None,
+    **kwargs: Any,
 ):
-    """The causal LM's forward, plus a loss-only mode: with ``shifted_labels``, run the decoder
-    and return the chunked head's loss sum (a 0-dim fp32 tensor) instead of an output object."""
+    """The causal LM's forward, plus a loss-only mode: with ``shifted_labels`` (flat, in the
+    inputs' order) and optionally ``target_index``, run the decoder and return the chunked head's
+    loss sum (a 0-dim fp32 tensor) instead of an output object."""
     if shifted_labels is None:
         return type(self).forward(self, *args, **kwargs)
     for key in UNUSED_FORWARD_ARGS:
@@ -227,7 +262,7 @@ def _forward_with_loss(
             raise ValueError(f"the loss-only forward takes no {key}")
     kwargs["use_cache"] = False
     hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
-    return self.get_output_embeddings()(hidden, shifted_labels)
+    return self.get_output_embeddings()(hidden, shifted_labels, target_index)
 
 
 def enable_chunked_loss(model: nn.Module, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> bool:
@@ -267,18 +302,29 @@ def uses_chunked_loss(model: nn.Module) -> bool:
     return isinstance(causal_lm_of(model).get_output_embeddings(), ChunkedLMHead)
 
 
+def attention_of(model: nn.Module) -> str:
+    """The attention kernel the causal LM inside ``model`` runs."""
+    return str(getattr(causal_lm_of(model).config, "_attn_implementation", None) or "eager")
+
+
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: str | torch.device) -> torch.Tensor:
     """Sum of next-token cross-entropy over the batch's target tokens, fp32.
 
     ``model`` is what the caller trains through (the DeepSpeed engine, a peft model or the bare
-    HF model). Chunked when :func:`enable_chunked_loss` applied, else the plain path, which still
-    shifts the labels rather than copying the logits, and upcasts them to fp32.
+    HF model); ``batch`` holds CPU tensors (``trainer.feed.build_feed`` lays them out for the
+    model's attention kernel and finds the targets on the host). Chunked when
+    :func:`enable_chunked_loss` applied, else the plain path, which still shifts the labels rather
+    than copying the logits, and upcasts them to fp32.
     """
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-    targets = shift_labels(batch["labels"].to(device, non_blocking=True))
+    feed = build_feed(batch, device, attention_of(model))
+    return feed_loss(model, feed)
+
+
+def feed_loss(model: nn.Module, feed: Feed) -> torch.Tensor:
+    """The summed loss of one prepared micro-batch (see :func:`summed_loss`)."""
     if uses_chunked_loss(model):
-        return model(**inputs, shifted_labels=targets)
-    logits = model(**inputs, use_cache=False).logits
+        return model(**feed.inputs, shifted_labels=feed.targets, target_index=feed.target_index)
+    logits = model(**feed.inputs, use_cache=False).logits
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, 1).float(), feed.targets, ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from trainer.config import JobConfig, LoraConfig, ModelConfig
 from trainer.ds_config import Precision
 from trainer.errors import ConfigError
+from trainer.feed import keeps_documents_apart
 from trainer.loss import enable_chunked_loss
 
 log = logging.getLogger("dstrain")
@@ -117,8 +118,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def select_attention(requested: str, on_gpu: bool, precision: Precision) -> str:
-    """flash_attention_2 when flash-attn imports, CUDA is present and the dtype is 16-bit; else sdpa."""
+def select_attention(requested: str, on_gpu: bool, precision: Precision, packed: bool = False) -> str:
+    """flash_attention_2 when flash-attn imports, CUDA is present and the dtype is 16-bit; else sdpa.
+
+    ``packed`` (``data.pack``): the kernel must keep the packed documents apart, which dstrain
+    arranges for every kernel it feeds (``trainer.feed``); anything else is refused here, at start,
+    rather than training with attention across documents.
+    """
     flash_ok = on_gpu and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
         return "flash_attention_2" if flash_ok else "sdpa"
@@ -126,6 +132,11 @@ def select_attention(requested: str, on_gpu: bool, precision: Precision) -> str:
         raise ConfigError(
             "--model.attn_implementation flash_attention_2 needs CUDA, bf16/fp16 and the flash-attn "
             "package (pip install 'dstrain[flash]'); use auto to fall back to sdpa"
+        )
+    if packed and not keeps_documents_apart(requested):
+        raise ConfigError(
+            f"--model.attn_implementation {requested} cannot keep packed documents apart; use sdpa, eager, "
+            "flex_attention or flash_attention_2, or --data.pack false"
         )
     return requested
 
@@ -248,7 +259,7 @@ def build_model(
     random weights for pretrain, ``model.name_or_path`` for cpt/sft (partitioned as it loads
     under ZeRO-3, see :func:`zero3_init`), then gradient checkpointing and LoRA when asked."""
     cfg = job.model
-    attn = select_attention(cfg.attn_implementation, on_gpu, precision)
+    attn = select_attention(cfg.attn_implementation, on_gpu, precision, packed=job.data.pack)
     warn_remote_code(cfg)
     if cfg.name_or_path:
         with zero3_init(ds_config):

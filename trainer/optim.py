@@ -85,28 +85,70 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips a step whose gradients are not all finite, and says so in ``overflow``.
+    """The ZeRO-0 AdamW: clips, skips a step whose gradients are not all finite, and says so.
 
-    DeepSpeed's ZeRO optimizers and its bf16 optimizer already skip a step with a non-finite
-    gradient norm (and then leave the LR scheduler alone); at ZeRO-0 in fp32 it calls this
-    optimizer directly, reading ``overflow`` the same way. Gradients are all-reduced before the
-    step at ZeRO-0, so every rank takes the same decision.
+    At ZeRO-0 DeepSpeed steps the client optimizer directly; its own clipping
+    (``deepspeed.runtime.utils.clip_grad_norm_``) walks every parameter in Python and the norm it
+    computes is not kept, so :func:`trainer.ds_config.build_ds_config` turns DeepSpeed's clipping
+    off there and this optimizer does it: one fused norm over all gradients (``foreach``), one
+    in-place scale on the device (no host read of the coefficient), then torch's fused or foreach
+    AdamW kernel. The norm stays a device tensor in ``_global_grad_norm`` (DeepSpeed's engine
+    copies that attribute, so ``engine.get_global_grad_norm()`` returns it without a sync).
+
+    The one host read per step is ``overflow``: DeepSpeed reads it after ``step`` to skip the LR
+    scheduler on a non-finite step, the same decision its ZeRO optimizers take from their norm.
+    Gradients are all-reduced before the step at ZeRO-0, so every rank decides the same.
     """
 
     overflow = False
 
+    def __init__(self, params: Any, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self._global_grad_norm: torch.Tensor | None = None
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if not grads:
+            self.overflow = False
+            return None
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        self._global_grad_norm = norm
+        self.overflow = not bool(torch.isfinite(norm))  # the step's one host sync (see above)
         if self.overflow:
             return None
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, norm, foreach=True)
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 0) -> torch.optim.Optimizer:
+def fused_kernel_kwargs(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """torch's fused AdamW (one kernel for every tensor) where it supports the parameters'
+    device and dtype (CUDA, CPU), else the multi-tensor ``foreach`` one; never the single-tensor
+    loop (a Python iteration and several small kernels per parameter)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: CUDA only
+        supported = {"cuda"}
+    devices = {p.device.type for p in params}
+    if devices and devices <= supported and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, zero_stage: int = 0, clip_in_optimizer: bool = False
+) -> torch.optim.Optimizer:
     """The torch AdamW the engine wraps when DeepSpeed does not build the optimizer itself:
-    :class:`FiniteAdamW` at ZeRO-0 (DeepSpeed steps it directly), the plain class under ZeRO
-    (whose optimizers check the gradient norm themselves and accept only known classes)."""
-    cls = FiniteAdamW if zero_stage == 0 else torch.optim.AdamW
-    return cls(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    :class:`FiniteAdamW` at ZeRO-0 (DeepSpeed steps it directly; it clips when
+    ``clip_in_optimizer``), the plain class under ZeRO (whose optimizers check the gradient norm
+    themselves and accept only known classes). Both run torch's fused (or foreach) kernel."""
+    groups = param_groups(model, cfg)
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kwargs.update(fused_kernel_kwargs([p for g in groups for p in g["params"]]))
+    if zero_stage == 0:
+        return FiniteAdamW(groups, max_grad_norm=cfg.max_grad_norm if clip_in_optimizer else 0.0, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

@@ -8,9 +8,13 @@ all-reduce it does per step, before the first forward). Each micro-batch then co
 world_size) and we pass ``scale_wrt_gas=False`` so it does not also divide by the accumulation
 steps. The result is d(sum of all token losses / N).
 
-Syncs: none of its own per micro-batch. The summed loss stays on the device, detached, and is
-reduced by the Trainer on log steps only; the gradient norm is DeepSpeed's (which its clipping
-computes anyway).
+Syncs: none of its own. Everything the loss needs that depends on the labels (which positions
+are targets, the packed documents' lengths) is computed from the CPU batch before it is copied
+to the device, so nothing is read back inside a micro-batch. The summed loss and the gradient
+norm stay on the device; the Trainer reads them on log steps only (``StepResult.grad_norm``
+converts on first access). What remains per optimizer step is the optimizer's own decision to
+skip a non-finite step (DeepSpeed's ZeRO optimizers read their norm; at ZeRO-0
+``trainer.optim.FiniteAdamW`` does).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any
 
 import torch
 
-from trainer.data.packing import IGNORE_INDEX, Batch
+from trainer.data.packing import Batch
 from trainer.dist import DistInfo
 from trainer.faults import fault
+from trainer.labels import IGNORE_INDEX
 from trainer.loss import summed_loss
 
 
@@ -31,9 +36,14 @@ class StepResult:
     """What one optimizer step measured on this rank."""
 
     loss_sum: torch.Tensor  # summed token loss of this rank's micro-batches (detached, on the device)
-    grad_norm: float | None  # global gradient norm before clipping
+    raw_grad_norm: torch.Tensor | float | None  # global gradient norm before clipping, maybe on the device
     lrs: list[float]  # the optimizer's lr per param group, as used by this update
     applied: bool = True  # False: a non-finite gradient made the optimizer skip the update
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The norm as a number (a host sync when it is a device tensor: read it on log steps)."""
+        return None if self.raw_grad_norm is None else float(self.raw_grad_norm)
 
 
 def target_count(batch: Batch) -> int:
@@ -78,29 +88,14 @@ class TrainModule:
             if poison == "nan" and i == 0:
                 loss = loss * float("nan")
             engine.backward(loss * scale, scale_wrt_gas=False)
-            own_norm = None
-            if i == len(micro_batches) - 1:
-                own_norm = self._stage0_grad_norm()
             engine.step()
             loss_sum += loss.detach()
-        norm = engine.get_global_grad_norm()
-        if norm is None:
-            norm = own_norm
         return StepResult(
             loss_sum=loss_sum,
-            grad_norm=None if norm is None else float(norm),
+            raw_grad_norm=engine.get_global_grad_norm(),
             lrs=lrs,
             applied=engine.was_step_applied(),
         )
-
-    def _stage0_grad_norm(self) -> float | None:
-        """ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm; at the boundary the
-        gradients are already all-reduced on every rank, so take it here (before clipping)."""
-        engine = self.engine
-        if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
-            return None
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     @torch.no_grad()
     def eval_sums(self, batch: Batch) -> tuple[float, int]:

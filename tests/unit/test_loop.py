@@ -59,7 +59,7 @@ class Module:
         per = next(self.loss_per_target, 1.0)
         bad = len(self.steps) in self.bad_calls  # the optimizer skipped a non-finite update
         loss = torch.tensor(float("nan") if bad else per * total_targets)
-        return StepResult(loss_sum=loss, grad_norm=float("inf") if bad else 1.0, lrs=[1e-3], applied=not bad)
+        return StepResult(loss_sum=loss, raw_grad_norm=float("inf") if bad else 1.0, lrs=[1e-3], applied=not bad)
 
 
 class Recorder:

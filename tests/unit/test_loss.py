@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import REPO, tiny_model
+from trainer.feed import shift_labels
 from trainer.loss import (
     ChunkedLinearCrossEntropy,
     ChunkedLMHead,
     chunk_rows_for,
     enable_chunked_loss,
     linear_cross_entropy_sum,
-    shift_labels,
     summed_loss,
     uses_chunked_loss,
 )
@@ -82,7 +82,7 @@ def test_chunked_function_passes_gradcheck_in_fp64():
     bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (7,))
     assert torch.autograd.gradcheck(
-        lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, targets, 3), (hidden, weight, bias)
+        lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, targets, 3, torch.float64), (hidden, weight, bias)
     )
 
 
@@ -171,7 +171,8 @@ def test_lora_model_matches_plain_and_lora_on_the_head_falls_back():
 MEMORY_PROBE = r"""
 import json, sys, torch, torch.nn.functional as F
 from tests.unit.test_loss import plain_loss_sum
-from trainer.loss import linear_cross_entropy_sum, shift_labels
+from trainer.feed import shift_labels
+from trainer.loss import linear_cross_entropy_sum
 
 def status(key):
     with open("/proc/self/status") as f:

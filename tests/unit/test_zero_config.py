@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+import torch
 
 from trainer.config import JobConfig, build_config
 from trainer.ds_config import (
@@ -37,20 +38,19 @@ def test_batch_accum_and_clipping_come_from_train_and_optim() -> None:
     assert ds["steps_per_print"] >= 10**9 and ds["wall_clock_breakdown"] is False
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-def test_precision_blocks(precision: str) -> None:
-    ds = build_ds_config(job(), precision, True)  # type: ignore[arg-type]
-    assert ds["bf16"] == {"enabled": precision == "bf16"}
-    assert ds["fp16"]["enabled"] is (precision == "fp16")
-    if precision == "fp16":
-        assert ds["fp16"] == {
-            "enabled": True,
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        }
+def test_mixed_precision_is_torch_autocast_over_fp32_parameters(precision: str, stage: int) -> None:
+    """16-bit parameters would make DeepSpeed sum micro-batch gradients in 16-bit at ZeRO-2/3
+    (tests/distributed/test_precision.py measures it), so neither bf16 nor fp16 is enabled."""
+    ds = build_ds_config(job(zero={"stage": stage}), precision, True)  # type: ignore[arg-type]
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+    expected = {"bf16": {"enabled": True, "dtype": "bfloat16"}, "fp16": {"enabled": True, "dtype": "float16"}}
+    assert ds.get("torch_autocast") == expected.get(precision)
+    # ZeRO-0 with dstrain's AdamW clips in the optimizer (one fused norm), except fp16, whose
+    # GradScaler must unscale before DeepSpeed clips.
+    own_clip = stage == 0 and precision != "fp16"
+    assert ds["gradient_clipping"] == (0.0 if own_clip else 1.0)
 
 
 def test_resolve_precision() -> None:
@@ -155,7 +155,7 @@ def test_templates_match_build_ds_config(tmp_path) -> None:
 def test_template_reference_job() -> None:
     zero3 = json.loads((TEMPLATES_DIR / "zero3_offload.json").read_text())
     assert zero3["train_micro_batch_size_per_gpu"] == 16 and zero3["gradient_accumulation_steps"] == 8
-    assert zero3["bf16"]["enabled"] is True
+    assert zero3["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert zero3["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
 
 
@@ -173,8 +173,10 @@ def test_deepspeed_parses_every_template() -> None:
         zero_section = TEMPLATES[name]
         assert parsed.zero_optimization_stage == zero_section["stage"], name
         assert parsed.train_batch_size == 16 * 8, name
-        assert parsed.gradient_clipping == 1.0, name
-        assert parsed.bfloat16_config.enabled is True, name
+        # ZeRO-0 clips in dstrain's optimizer (tested in test_mixed_precision_is_torch_autocast...).
+        assert parsed.gradient_clipping == (0.0 if zero_section["stage"] == 0 else 1.0), name
+        assert parsed.torch_autocast_enabled and parsed.torch_autocast_dtype == torch.bfloat16, name
+        assert not parsed.bfloat16_config.enabled, name
         if zero_section["stage"] == 3:
             assert parsed.zero_config.gather_16bit_weights_on_model_save is True, name
         if zero_section.get("offload_optimizer"):
@@ -203,9 +205,9 @@ def test_deepspeed_parses_cpu_and_fp16_variants(
     ds = build_ds_config(job(**sections), precision, on_gpu)  # type: ignore[arg-type]
     parsed = DeepSpeedConfig(ds)
     assert parsed.zero_optimization_stage == sections["zero"]["stage"]
-    assert parsed.float16_config.enabled is (precision == "fp16")
+    assert not parsed.float16_config.enabled  # fp16 is autocast + DeepSpeed's GradScaler
     if precision == "fp16":
-        assert parsed.float16_config.loss_scale == 0  # dynamic
+        assert parsed.torch_autocast_enabled and parsed.torch_autocast_dtype == torch.float16
     if sections.get("optim", {}).get("name") == "muon":
         assert parsed.optimizer_name == "muon"  # one of DeepSpeed's built-in optimizers
         assert parsed.zero_config.reduce_scatter is False

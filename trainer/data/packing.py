@@ -58,8 +58,7 @@ from typing import TypedDict
 import numpy as np
 import torch
 
-#: The label of a position that takes no loss (padding, prompts, filler rows): the one definition.
-IGNORE_INDEX = -100
+from trainer.labels import IGNORE_INDEX
 
 #: (doc id, token ids int32, loss mask uint8 or None = every token a target)
 Chunk = tuple[int, np.ndarray, np.ndarray | None]

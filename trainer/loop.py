@@ -125,8 +125,8 @@ class Trainer:
     # -- when ----------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        """max_steps when set, else the epoch count. ``total_steps`` may be an estimate from the
-        data (epochs mode): it sets the schedule's length, never where training stops."""
+        """max_steps when set, else the epoch count. ``total_steps`` (epochs mode: counted from
+        the data) sets the schedule's length, never where training stops."""
         if self.stop_requested:
             return True
         if self.job.train.max_steps is not None:

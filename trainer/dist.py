@@ -361,10 +361,13 @@ def global_batch_summary(micro_batch_size: int, grad_accum: int, world_size: int
 
 
 def extension_build_root() -> Path:
-    """Where torch JIT-builds DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions)."""
+    """Where torch JIT-builds DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions).
+
+    ``get_default_build_root()`` ignores ``TORCH_EXTENSIONS_DIR`` (torch reads it in
+    ``_get_build_directory``): with it set, the locks of this run's builds are under it."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root())
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
 def clear_stale_build_locks(

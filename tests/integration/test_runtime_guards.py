@@ -64,23 +64,21 @@ def assert_schedule_ends_with_the_run(out: Path, lr: float, floor: float) -> Non
 SCHEDULE = {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1}
 
 
-def test_epochs_mode_schedule_length_is_the_training_length_for_packed_pretraining(root, tiny_tokenizer_dir):
-    recipe = runs.make_recipe(
-        root,
-        tiny_tokenizer_dir,
-        "epochs_pretrain",
-        train={"max_steps": None, "epochs": 2, "save_every": 0, "micro_batch_size": 4},
-        schedule=SCHEDULE,
-        log={"doc_ids": False},
-    )
-    code, out = runs.run(recipe)
-    assert code == 0, out[-4000:]
-    assert_schedule_ends_with_the_run(root / "epochs_pretrain", 3.0e-3, 0.1)
-
-
-def test_epochs_mode_schedule_length_is_the_training_length_for_packed_sft(root, tiny_tokenizer_dir):
+def epochs_recipe(root: Path, tokenizer_dir: Path, kind: str) -> tuple[Path, float]:
+    """2 epochs, linear schedule: packed pretraining, or packed LoRA SFT (alpaca rows, ChatML)."""
+    train = {"max_steps": None, "epochs": 2, "save_every": 0}
+    if kind == "pretrain":
+        recipe = runs.make_recipe(
+            root,
+            tokenizer_dir,
+            "epochs_pretrain",
+            train={**train, "micro_batch_size": 4},
+            schedule=SCHEDULE,
+            log={"doc_ids": False},
+        )
+        return recipe, 3.0e-3
     base = root / "chat_base"
-    save_chat_base(base, tiny_tokenizer_dir)
+    save_chat_base(base, tokenizer_dir)
     write_json_records(root / "alpaca.jsonl", alpaca_records(160, seed=5), lines=True)
     recipe = runs.pretrained_recipe(
         root,
@@ -91,13 +89,19 @@ def test_epochs_mode_schedule_length_is_the_training_length_for_packed_sft(root,
         model={"gradient_checkpointing": False},
         lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
         optim={"lr": 1e-2},
-        train={"max_steps": None, "epochs": 2, "save_every": 0},
+        train=train,
         schedule=SCHEDULE,
         log={"doc_ids": False},
     )
+    return recipe, 1e-2
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_epochs_mode_schedule_length_is_the_training_length(root, tiny_tokenizer_dir, kind):
+    recipe, lr = epochs_recipe(root, tiny_tokenizer_dir, kind)
     code, out = runs.run(recipe)
     assert code == 0, out[-4000:]
-    assert_schedule_ends_with_the_run(root / "epochs_sft", 1e-2, 0.1)
+    assert_schedule_ends_with_the_run(root / f"epochs_{kind}", lr, SCHEDULE["min_lr_ratio"])
 
 
 def test_a_stop_signal_during_a_slow_eval_saves_that_step(root, tiny_tokenizer_dir):

@@ -144,7 +144,11 @@ class NodeSpawner:
         while len(codes) < len(self.procs):
             while self.forwarded:
                 name = signal.Signals(self.forwarded.pop(0)).name
-                self.say(f"got {name}: passed it to every running rank (they save at the next step, exit 75)")
+                # Ctrl-C also stops a rank still waiting to start (rendezvous): nothing to save.
+                starting = "; one still waiting to start stops at once" if name == "SIGINT" else ""
+                self.say(
+                    f"got {name}: passed it to every running rank (they save at the next step, exit 75{starting})"
+                )
             for i, proc in enumerate(self.procs):
                 if i in codes or proc.poll() is None:
                     continue

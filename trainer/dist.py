@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import re
@@ -42,6 +43,16 @@ from trainer.errors import ConfigError, DistError
 from trainer.faults import fault
 
 log = logging.getLogger("dstrain")
+
+#: Config keys that may differ between nodes (how each shows progress and library logs).
+PER_NODE_KEYS = frozenset({"log.progress", "log.library_logs"})
+
+#: How long dstrain's own collectives wait (``train.collective_timeout_s``); set by
+#: :func:`init_distributed`. Module state because the process group it describes is torch's
+#: module state too.
+_COLLECTIVE_TIMEOUT_S = 1800.0
+#: Extra seconds NCCL's watchdog waits beyond our timed waits (see :func:`_start_process_group`).
+NCCL_WATCHDOG_GRACE_S = 60.0
 
 # A JIT build of a DeepSpeed op (shm_comm at CPU init, fused/cpu Adam) takes minutes at most.
 STALE_LOCK_ENV, STALE_LOCK_DEFAULT_S = "DSTRAIN_STALE_LOCK_S", 600.0
@@ -215,9 +226,13 @@ class DistInfo:
             import torch
 
             cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        local_rank = facts.get("local_rank", 0)
-        # Under `srun --gpus-per-task=1` each task sees one GPU, its own, as cuda:0.
-        device = f"cuda:{local_rank % cuda_devices}" if cuda_devices else "cpu"
+        device = pick_device(
+            facts.get("local_rank", 0),
+            facts.get("local_world_size", 1),
+            cuda_devices,
+            facts["launcher"],
+            facts.get("rank", 0),
+        )
         return cls(device=device, **facts)
 
     @staticmethod
@@ -308,6 +323,33 @@ class DistInfo:
         }
 
 
+def pick_device(
+    local_rank: int, local_world_size: int, cuda_devices: int, launcher: str, rank: int = 0
+) -> str:
+    """This rank's device: ``cuda:<local_rank>``, ``cpu`` when no GPU is visible, or a
+    :class:`ConfigError` when the node runs more ranks than it shows GPUs.
+
+    One exception keeps per-task GPU binding working: a task of ``srun --gpus-per-task=1`` (or
+    ``--gpu-bind``) sees exactly one GPU, its own, as ``cuda:0``, whatever its local rank. Any
+    other shortfall used to wrap around (``local_rank % gpus``), put two ranks on one GPU and
+    fail later inside NCCL with an error that names neither.
+    """
+    if cuda_devices <= 0:
+        return "cpu"
+    if local_rank < cuda_devices:
+        return f"cuda:{local_rank}"
+    if launcher == "srun" and cuda_devices == 1:
+        return "cuda:0"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    raise ConfigError(
+        f"rank {rank} is local rank {local_rank} of {local_world_size} on its node, but the node shows "
+        f"{cuda_devices} CUDA device(s){shown}: {launcher} started more ranks per node than there are "
+        f"GPUs; start at most {cuda_devices} per node (deepspeed --num_gpus, torchrun --nproc-per-node, "
+        "srun --ntasks-per-node, or --gpus-per-task=1 so each task sees its own)"
+    )
+
+
 def global_batch_summary(micro_batch_size: int, grad_accum: int, world_size: int, max_seq_len: int) -> str:
     """``global batch = micro x accum x world = N sequences (T tokens)``: what one optimizer
     step consumes over all ranks (T counts full rows: packed rows are always full)."""
@@ -319,10 +361,13 @@ def global_batch_summary(micro_batch_size: int, grad_accum: int, world_size: int
 
 
 def extension_build_root() -> Path:
-    """Where torch JIT-builds DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions)."""
+    """Where torch JIT-builds DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions).
+
+    ``get_default_build_root()`` ignores ``TORCH_EXTENSIONS_DIR`` (torch reads it in
+    ``_get_build_directory``): with it set, the locks of this run's builds are under it."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root())
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
 def clear_stale_build_locks(
@@ -385,30 +430,57 @@ def init_distributed(dist: DistInfo, timeout_s: float = 1800.0) -> None:
     facts in ``dist``: a ``tcp://`` rendezvous with this rank and world size, so nothing is
     left for DeepSpeed to discover (its fallback would be mpi4py). ``timeout_s`` bounds every
     collective (``train.collective_timeout_s``); then check that every rank runs the same
-    library versions."""
+    library versions.
+
+    Every wait in here (a stale build lock, the rendezvous, the start-up checks) can last up to
+    ``timeout_s``; Ctrl-C stops it at once with one line (:func:`trainer.signals.wait_interruptibly`).
+    """
+    from trainer.signals import wait_interruptibly
+
+    global _COLLECTIVE_TIMEOUT_S
+    _COLLECTIVE_TIMEOUT_S = timeout_s
+    wait_interruptibly(clear_stale_build_locks, "waiting for a DeepSpeed op's build lock")
+    where = f"{dist.world_size} ranks at {dist.master_addr}:{dist.master_port}"
+    wait_interruptibly(lambda: _start_process_group(dist, timeout_s), f"waiting at the rendezvous of {where}")
+    if dist.is_main:
+        log.info("distributed: %s", dist.describe())
+    # Collectives: every rank is past DeepSpeed's shm set-up once they return.
+    wait_interruptibly(lambda: _start_up_checks(dist), f"waiting for the start-up check of {where}")
+    release_shm_name(dist)
+
+
+def _start_process_group(dist: DistInfo, timeout_s: float) -> None:
     import deepspeed
     import torch
 
-    clear_stale_build_locks()
     if dist.device.startswith("cuda"):
-        torch.cuda.set_device(dist.cuda_index)
+        torch.cuda.set_device(dist.cuda_index)  # the current device is per thread
     if torch.distributed.is_initialized():
         return
     # DeepSpeed reads these itself (engine, ZeRO-3, CPU accelerator); under bare srun nothing
     # else has set them.
     os.environ.update(dist.library_env())
+    # NCCL's watchdog tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING's default, 3) when a
+    # collective outlives the process group's timeout, before any Python code can say which rank
+    # waited where. dstrain's own collectives wait with an explicit timeout (_wait_timed), so
+    # the watchdog gets a grace period beyond it: the timed wait raises first, in Python.
+    grace = NCCL_WATCHDOG_GRACE_S if dist.backend == "nccl" else 0.0
     deepspeed.init_distributed(
         dist_backend=dist.backend,
         auto_mpi_discovery=False,
         init_method=dist.init_method,
         rank=dist.rank,
         world_size=dist.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=timeout_s + grace),
     )
-    if dist.is_main:
-        log.info("distributed: %s", dist.describe())
-    check_same_versions(dist)  # a collective: every rank is past DeepSpeed's shm set-up
-    release_shm_name(dist)
+
+
+def _start_up_checks(dist: DistInfo) -> None:
+    import torch
+
+    if dist.device.startswith("cuda"):
+        torch.cuda.set_device(dist.cuda_index)  # this helper thread's current device
+    check_same_versions(dist)
 
 
 def release_shm_name(dist: DistInfo) -> None:
@@ -482,11 +554,27 @@ def _all_reduce(values: list[float], dist: DistInfo, phase: str, op: str) -> lis
 
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.world_size > 1 and torch.distributed.is_initialized():
-        if dist.backend == "nccl":
-            tensor = tensor.to(dist.device)
         with collective(phase, dist):
-            torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op))
-    return tensor.cpu().tolist()
+            if dist.backend == "nccl":
+                tensor = tensor.to(dist.device)
+            work = torch.distributed.all_reduce(
+                tensor, op=getattr(torch.distributed.ReduceOp, op), async_op=True
+            )
+            _wait_timed(work)
+            tensor = tensor.cpu()  # the readback too: on NCCL it is where a stuck peer blocks
+    return tensor.tolist()
+
+
+def _wait_timed(work: Any) -> None:
+    """Block until ``work`` is done or ``train.collective_timeout_s`` passed, then raise.
+
+    NCCL's ``Work.wait()`` without a timeout only makes the current stream wait: the host
+    would then block in the next read-back, outside any timeout, until the watchdog kills the
+    process. With a timeout it blocks the host and raises on expiry (ProcessGroupNCCL.hpp,
+    ``WorkNCCL::wait``), without TORCH_NCCL_BLOCKING_WAIT making every other collective
+    (DeepSpeed's overlapped reductions) block the host as well. gloo honours it the same way.
+    """
+    work.wait(timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
 
 
 def barrier(dist: DistInfo, phase: str = "a barrier") -> None:
@@ -533,3 +621,54 @@ def check_same_versions(dist: DistInfo) -> None:
         raise DistError(
             f"the ranks run different library versions ({per_rank}); install the same environment on every node"
         )
+
+
+def run_facts(config: Mapping[str, Any], files: list[Mapping[str, Any]], tokenizer: str) -> dict[str, str]:
+    """What every rank must agree on to train one run, as short strings by key: each resolved
+    config key (``optim.lr``; minus :data:`PER_NODE_KEYS`), the data files after globbing (path,
+    size, rows: not the mtime, which differs between node-local copies) and the tokenizer."""
+    facts: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and prefix.count(".") < 1:  # sections; model.overrides stays whole
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif prefix not in PER_NODE_KEYS:
+            facts[prefix] = repr(value)
+
+    walk("", config)
+    listing = [(str(f["path"]), f.get("size"), f.get("rows")) for f in files]
+    digest = hashlib.sha1(repr(listing).encode("utf-8")).hexdigest()[:10]
+    facts["data files"] = f"{len(listing)} files ({digest})"
+    facts["tokenizer"] = tokenizer
+    return facts
+
+
+def check_same_run(facts: Mapping[str, str], dist: DistInfo) -> None:
+    """Abort at start when the ranks would train different runs (one all-gather): a node
+    started with another recipe, override, glob result or tokenizer trains silently
+    inconsistent otherwise. The message lists, per differing key, which ranks hold which value."""
+    everyone = all_gather_objects(dict(facts), dist, "the same-run check at start")
+    keys = sorted({k for f in everyone for k in f})
+    differ = [k for k in keys if len({f.get(k) for f in everyone}) > 1]
+    if not differ:
+        return
+    parts = []
+    for key in differ[:5]:
+        holders: dict[str | None, list[int]] = {}
+        for rank, f in enumerate(everyone):
+            holders.setdefault(f.get(key), []).append(rank)
+        parts.append(
+            f"{key}: "
+            + ", ".join(f"{_rank_list(ranks)} {str(value)[:60]}" for value, ranks in holders.items())
+        )
+    more = f" (and {len(differ) - 5} more keys)" if len(differ) > 5 else ""
+    raise DistError(
+        f"the ranks do not train the same run: {'; '.join(parts)}{more}; start every node with the "
+        "same recipe, overrides, data files and tokenizer"
+    )
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """``rank 3`` or ``ranks 0,1,2``."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks))}"

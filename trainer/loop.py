@@ -71,11 +71,19 @@ class StepPlan:
     data_wait_s: float  # this rank's time spent waiting for its micro-batches
 
 
-def total_steps_for(job: JobConfig, batches_per_epoch: int) -> int:
-    """max_steps when set, else epochs x optimizer steps per epoch (from the data estimate)."""
+def total_steps_for(job: JobConfig, train_data: Any) -> int:
+    """max_steps when set, else the optimizer steps of ``train.epochs`` epochs, counted exactly
+    from the data (``TrainData.count_batches``, a collective: every rank calls this)."""
     if job.train.max_steps is not None:
         return job.train.max_steps
-    return max(1, job.train.epochs * -(-batches_per_epoch // job.train.grad_accum))
+    counted = train_data.count_batches(job.train.epochs)
+    return max(1, sum(epoch_steps(per_rank, job.train.grad_accum) for per_rank in counted))
+
+
+def epoch_steps(micro_batches_per_rank: list[int], grad_accum: int) -> int:
+    """Optimizer steps of an epoch: ranks that run out early run filler micro-batches until the
+    rank with the most has run all of its own."""
+    return -(-max(micro_batches_per_rank) // grad_accum)
 
 
 class Trainer:
@@ -111,13 +119,14 @@ class Trainer:
         self._window_targets = 0
         self._steps_in_epoch = 0
         self._bad_in_a_row = 0
+        self._stopped_eval = False  # an eval was abandoned for a stop signal
         self._filler = filler_batch(attention_mask=not job.data.pack)
 
     # -- when ----------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        """max_steps when set, else the epoch count. ``total_steps`` may be an estimate from the
-        data (epochs mode): it sets the schedule's length, never where training stops."""
+        """max_steps when set, else the epoch count. ``total_steps`` (epochs mode: counted from
+        the data) sets the schedule's length, never where training stops."""
         if self.stop_requested:
             return True
         if self.job.train.max_steps is not None:
@@ -151,6 +160,9 @@ class Trainer:
             self._after_step(plan, stepped=bool(plan.targets))
         if not self.stop_requested and self.state.last_eval_step != self.state.step:
             self.evaluate()
+            if self._stopped_eval:  # the final eval was abandoned: save (below) and exit 75
+                log.warning("pre-emption signal received: saving step %d and stopping", self.state.step)
+                self.stop_requested = True
         if self.checkpointer and self.state.last_save_step != self.state.step:
             self._save()
         self._emit("on_train_end")
@@ -279,6 +291,7 @@ class Trainer:
         # what every rank skipped (empty documents) or cut (SFT samples past max_seq_len).
         stats = self.train_data.end_epoch()
         per_rank = all_gather_objects(dict(stats), self.dist, "the end of an epoch")
+        self._check_epoch_count([s["batches"] for s in per_rank])
         self._emit(
             "on_epoch_end",
             {
@@ -292,6 +305,25 @@ class Trainer:
         self._stream = None
         self._steps_in_epoch = 0
 
+    def _check_epoch_count(self, batches: list[int]) -> None:
+        """Warn when an epoch ended off the count that sized the LR schedule (a resume on another
+        world size re-deals the epoch's rest, which the count does not replay)."""
+        counted = getattr(self.train_data, "counted_batches", None)
+        epoch = self.state.epoch
+        if not counted or epoch >= len(counted) or counted[epoch] == batches:
+            return
+        accum = self.job.train.grad_accum
+        off = epoch_steps(batches, accum) - epoch_steps(counted[epoch], accum)
+        log.warning(
+            "epoch %d yielded %s micro-batches per rank where %s were counted: the LR schedule ends "
+            "%d optimizer step(s) %s",
+            epoch,
+            batches,
+            counted[epoch],
+            abs(off),
+            "too early" if off > 0 else "too late",
+        )
+
     def _after_step(self, plan: StepPlan, stepped: bool) -> None:
         """Eval, save and pre-emption, in that order, at the optimizer-step boundary."""
         train, step = self.job.train, self.state.step
@@ -302,7 +334,7 @@ class Trainer:
             save_due = bool(train.save_every and step % train.save_every == 0)
             if self.checkpointer and (save_due or (new_best and train.keep_best)):
                 self._save()
-        if plan.preempt:
+        if plan.preempt or self._stopped_eval:
             log.warning("pre-emption signal received: saving step %d and stopping", step)
             if self.checkpointer and self.state.last_save_step != step:
                 self._save()
@@ -317,7 +349,13 @@ class Trainer:
 
     # -- eval ----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any] | None:
-        """Mean loss over this rank's part of the fixed validation set, all-reduced."""
+        """Mean loss over this rank's part of the fixed validation set, all-reduced.
+
+        A stop signal abandons the eval at the next batch (None is returned and ``_stopped_eval``
+        set): a full hold-out can outlast a scheduler's lead before its kill, and the
+        pre-emption save must come first. The flag rides on the all-reduce each batch does
+        anyway, so every rank leaves at the same batch.
+        """
         if self.eval_batches is None:
             return None
         self._emit("pre_eval")
@@ -327,9 +365,15 @@ class Trainer:
         while True:
             # Ranks hold different numbers of eval batches; each forward is collective under ZeRO-3.
             batch = next(stream, None)
-            (any_left,) = all_reduce_max(
-                [float(batch is not None)], self.dist, f"the eval at step {self.state.step}"
+            stop = self.preemption is not None and self.preemption.requested
+            any_left, any_stop = all_reduce_max(
+                [float(batch is not None), float(stop)], self.dist, f"the eval at step {self.state.step}"
             )
+            if any_stop:
+                log.warning("stop signal during the eval at step %d: eval abandoned", self.state.step)
+                self._stopped_eval = True
+                self._emit("post_eval")
+                return None
             if not any_left:
                 break
             with collective(f"the eval at step {self.state.step}", self.dist):  # ZeRO-3 gathers

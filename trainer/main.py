@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from trainer.config import STAGES, JobConfig, build_config, save_run_yaml
-from trainer.dist import DistInfo, global_batch_summary, init_distributed
+from trainer.dist import DistInfo, check_same_run, global_batch_summary, init_distributed, run_facts
 from trainer.errors import DstrainError
-from trainer.signals import Preemption
+from trainer.signals import INTERRUPTED_EXIT_CODE, Interrupted, Preemption
 
 log = logging.getLogger("dstrain")
 
@@ -82,8 +82,11 @@ def run(
         ckpt.check_resume_config(ckpt.saved_config(resume_path), job)
     tokenizer = load_tokenizer(job.tokenizer_path, job.model.trust_remote_code)
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
+    check_same_run(
+        run_facts(job.to_dict(), train_data.fingerprint["files"], train_data.fingerprint["tokenizer"]), dist
+    )
     eval_batches = build_eval_batches(job.data, tokenizer, dist, job.train.micro_batch_size)
-    total_steps = total_steps_for(job, train_data.approx_batches_per_epoch())
+    total_steps = total_steps_for(job, train_data)
     ds_config = build_ds_config(job, precision, on_gpu)
     seed_everything(job.seed)
     model = build_model(job, tokenizer, precision, on_gpu, ds_config)
@@ -165,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     # torch.distributed's deprecation notices, raised inside DeepSpeed on every rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args, overrides = parse_args(argv)
-    dist = DistInfo.from_env()
+    try:
+        dist = DistInfo.from_env()
+    except DstrainError as exc:  # the launcher's variables, or more ranks than GPUs
+        print(f"dstrain: error: {exc}", file=sys.stderr)
+        return 2
     os.environ.update(dist.library_env())  # before DeepSpeed is imported: it reads some at import
     # From the first moment: a stop signal during start-up (DeepSpeed init, data, model: minutes
     # on a big model) is remembered and honoured after the first step, instead of killing the rank.
@@ -183,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_stdout(not job.log.library_logs):  # DeepSpeed prints its op builds per rank
             init_distributed(dist, job.train.collective_timeout_s)
         return run(job, dist, args.resume, preemption, console)
+    except Interrupted as exc:
+        # The half-built process group is left alone: tearing it down could wait again.
+        print(f"dstrain: interrupted: [rank{dist.rank}] {exc}", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_EXIT_CODE)
     except DstrainError as exc:
         print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
         return 2

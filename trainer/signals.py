@@ -7,6 +7,12 @@ at the next optimizer-step boundary, so a signal seen by one rank only still mak
 save the same step. Dataloader workers ignore these signals (:func:`ignore_stop_signals` is
 their ``worker_init_fn``): a worker killed by a signal sent to the whole process group would
 otherwise take the rank down before it could save.
+
+One exception: Ctrl-C while a rank *waits to start* (the rendezvous, the start-up checks, a
+stale build lock) stops it at once. Such waits block inside C++ for up to
+``train.collective_timeout_s``, where a flag would only be read after the wait; there is nothing
+to save yet. :func:`wait_interruptibly` runs them in a helper thread so the main thread can
+take the signal, and raises :class:`Interrupted` (exit 130, one line).
 """
 
 from __future__ import annotations
@@ -17,9 +23,15 @@ import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so that ours (below) runs before it
 import signal
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from trainer.errors import DstrainError
+
+T = TypeVar("T")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please requeue"; the SLURM template keys on it
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -84,3 +96,42 @@ class Preemption:
         # during the save lands here too and changes nothing.
         self.requested = True
         self.signum = signum
+
+
+class Interrupted(DstrainError):
+    """Ctrl-C while a rank waited to start (nothing trained, nothing to save)."""
+
+
+def wait_interruptibly(wait: Callable[[], T], what: str, poll_s: float = 0.1) -> T:
+    """Run ``wait`` (a rendezvous or a start-up collective that blocks inside C++, where a
+    Python signal handler cannot run) in a helper thread; SIGINT meanwhile raises
+    :class:`Interrupted` ("Ctrl-C while <what>") in this, the main thread.
+
+    The helper thread is a daemon left blocked behind: the caller exits the process at once
+    (see ``trainer.main``), without touching the half-built process group. An exception of
+    ``wait`` is re-raised here; called outside the main thread, ``wait`` simply runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return wait()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = wait()
+        except BaseException as exc:  # re-raised in the main thread below
+            outcome["error"] = exc
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        raise Interrupted(f"Ctrl-C while {what}; nothing was trained")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        thread = threading.Thread(target=run, name="dstrain-start-wait", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(poll_s)  # the main thread runs signal handlers between these joins
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

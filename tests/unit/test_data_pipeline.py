@@ -316,12 +316,12 @@ def test_max_samples_caps_documents(tmp_path, tok):
     assert set(doc_sequence(epoch_batches(data))) == set(range(1000, 1025))
 
 
-def test_approx_batches_per_epoch(tmp_path, tok):
+def test_count_batches_is_exact(tmp_path, tok):
+    """The schedule's epoch length (more cases, many ranks: tests/unit/test_epoch_count.py)."""
     paths = write_corpus(tmp_path, 2, 80, row_group_size=16)
     for pack in (True, False):
         data = build_train_data(cfg_for(paths, pack=pack), tok, ONE, 0, 2)
-        actual = len(epoch_batches(data))
-        assert 0.6 * actual <= data.approx_batches_per_epoch() <= 1.4 * actual
+        assert data.count_batches(1) == [[len(epoch_batches(data))]]
 
 
 # ---------------------------------------------------------------------------------- bad input

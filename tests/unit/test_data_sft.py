@@ -379,7 +379,7 @@ def test_eval_and_estimate(tmp_path, tok):
         cfg = sft_cfg([path], pack=pack, validation_fraction=0.2, max_seq_len=64)
         data = build_train_data(cfg, tok, ONE, 0, 2)
         train = list(data)
-        assert 0.6 * len(train) <= data.approx_batches_per_epoch() <= 1.4 * len(train)
+        assert data.count_batches(1) == [[len(train)]]
         ev = list(build_eval_batches(cfg, tok, ONE, 2))
         train_docs, eval_docs = {d for d, *_ in segments(train)}, {d for d, *_ in segments(ev)}
         assert eval_docs and not (train_docs & eval_docs) and len(train_docs | eval_docs) == 120

@@ -149,3 +149,51 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_max_bad_ste
         TrainingError, match=r"2 non-finite steps in a row after step 1 .*max_bad_steps 2.*none saved yet"
     ):
         Trainer(job, DistInfo(), module, [batch(i) for i in range(10)], None, 4, callbacks=[]).fit()
+
+
+class Flag:
+    """A Preemption stand-in: ``requested`` as the signal handler would set it."""
+
+    requested = False
+
+
+class Saves:
+    def __init__(self):
+        self.steps = []
+
+    def save(self, step, protect=()):
+        self.steps.append(step)
+
+
+class SlowEvalModule(Module):
+    """A stop signal arrives while the eval runs its second batch."""
+
+    def __init__(self, flag: Flag) -> None:
+        super().__init__()
+        self.flag, self.eval_calls = flag, 0
+
+    def eval_sums(self, batch):
+        self.eval_calls += 1
+        if self.eval_calls == 2:
+            self.flag.requested = True
+        return 1.0, target_count(batch)
+
+
+def test_a_stop_signal_during_an_eval_abandons_it_and_saves_that_step():
+    """Before: the eval ran all 20 batches, and the save came a step later (the next plan)."""
+    job = build_config(
+        base={
+            "tokenizer": "t",
+            "train": {"max_steps": 10, "grad_accum": 1, "eval_every": 2, "save_every": 0, "log_every": 1},
+        }
+    )
+    flag, saves, recorder = Flag(), Saves(), Recorder()
+    module = SlowEvalModule(flag)
+    evals = [batch(900 + i) for i in range(20)]
+    trainer = Trainer(
+        job, DistInfo(), module, [batch(i) for i in range(10)], evals, 10, [recorder], saves, flag
+    )
+    state = trainer.fit()
+    assert module.eval_calls == 2, "the eval went on after the stop signal"
+    assert saves.steps == [2] and state.step == 2 and trainer.stop_requested
+    assert state.last_eval_step is None and state.best_eval_loss is None  # nothing half-measured kept

@@ -70,3 +70,17 @@ def test_a_bad_stale_lock_setting_is_a_one_line_error(tmp_path: Path, monkeypatc
     monkeypatch.setenv("DSTRAIN_STALE_LOCK_S", "ten minutes")
     with pytest.raises(ConfigError, match=r"\$DSTRAIN_STALE_LOCK_S='ten minutes' is not a number"):
         clear_stale_build_locks(tmp_path)
+
+
+def test_torch_extensions_dir_is_where_the_locks_are_looked_for(tmp_path: Path, monkeypatch) -> None:
+    """torch builds under $TORCH_EXTENSIONS_DIR/<op>/ when it is set; the lock wait must look
+    there, not at the default root (another user's builds)."""
+    from trainer.dist import extension_build_root
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extension_build_root() == tmp_path
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks(stale_after_s=600) == [stale]

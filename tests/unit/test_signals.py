@@ -46,3 +46,54 @@ def test_a_saved_rank_exits_75_despite_late_signals_and_a_live_worker() -> None:
     )
     assert proc.returncode == 75, proc.stderr
     assert proc.stdout.strip() == "requested True worker alive True"
+
+
+WAIT_SCRIPT = textwrap.dedent(
+    """
+    import socket, sys, time
+    from trainer.signals import Interrupted, Preemption, wait_interruptibly
+
+    def blocked_in_c():
+        # A wait that holds no Python frame to interrupt: accept() on a socket nobody connects
+        # to (as a rendezvous blocks inside C++), for up to 60 s.
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(60)
+        server.accept()
+
+    Preemption().install()  # as main.py does: stop signals are flags from the first moment
+    print("waiting", flush=True)
+    started = time.monotonic()
+    try:
+        wait_interruptibly(blocked_in_c, "waiting at the rendezvous")
+    except Interrupted as exc:
+        print(f"interrupted after {time.monotonic() - started:.1f}s: {exc}", flush=True)
+        sys.exit(130)
+    """
+)
+
+
+def test_ctrl_c_stops_a_wait_blocked_outside_python() -> None:
+    """A Preemption flag alone would wait the full 60 s (the handler runs after the C call)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAIT_SCRIPT],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 5
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Ctrl-C while waiting at the rendezvous; nothing was trained" in out and "Traceback" not in err

@@ -379,3 +379,37 @@ def test_example_per_stage_is_current_and_lint_clean(stage: str, tmp_path: Path)
     path = REPO / "scripts" / "slurm" / f"{stage}.sbatch"
     assert path.read_text() == render_sbatch(examples.example(stage)), "run scripts/slurm/make_examples.py"
     lint(path.read_text(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "gpus", "launcher", "want"),
+    [
+        (3, 4, "deepspeed", "cuda:3"),
+        (1, 0, "torchrun", "cpu"),
+        (5, 1, "srun", "cuda:0"),  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+        (2, 2, "deepspeed", "more ranks"),
+        (4, 4, "torchrun", "more ranks"),
+        (3, 2, "srun", "more ranks"),  # 2 visible: not per-task binding, a shortfall
+        (1, 1, "dstrain", "more ranks"),
+    ],
+)
+def test_more_ranks_than_gpus_is_an_error_naming_the_numbers(local_rank, gpus, launcher, want) -> None:
+    """The old rule wrapped around (local_rank % gpus): two ranks on one GPU, failing later in NCCL."""
+    from trainer.dist import pick_device
+
+    if want != "more ranks":
+        assert pick_device(local_rank, 8, gpus, launcher) == want
+        return
+    with pytest.raises(ConfigError) as err:
+        pick_device(local_rank, 8, gpus, launcher, rank=10 + local_rank)
+    message = str(err.value)
+    assert f"rank {10 + local_rank} is local rank {local_rank} of 8" in message
+    assert f"shows {gpus} CUDA device(s)" in message and f"{launcher} started more ranks" in message
+    assert f"start at most {gpus} per node" in message
+
+
+def test_from_env_refuses_a_deepspeed_rank_beyond_the_gpus() -> None:
+    env = dict(RANK="3", LOCAL_RANK="3", WORLD_SIZE="4", LOCAL_SIZE="4", CROSS_RANK="0", CROSS_SIZE="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    with pytest.raises(ConfigError, match="rank 3 is local rank 3 of 4 .* shows 2 CUDA device"):
+        DistInfo.from_env(env, cuda_devices=2)

@@ -24,7 +24,9 @@ returns a :class:`TrainData`:
   position, re-dealt by ``load_resharded(all saved ranks' states)`` when only the world size,
   workers, micro-batch size or shuffle buffer changed (no token trained twice or dropped), or
   the saved epoch restarted when the data changed;
-- ``approx_batches_per_epoch()`` estimates micro-batches per rank per epoch (for LR schedules).
+- ``count_batches(epochs)`` counts the micro-batches of every rank in every epoch exactly (for
+  the LR schedule in epochs mode; :mod:`trainer.data.epoch_count`); unlike the rest it is a
+  collective: every rank calls it.
 
 A micro-batch (:class:`Batch`) is a dict of CPU tensors, all ``[micro_batch_size, T]``:
 

@@ -36,21 +36,20 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
-import numpy as np
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from trainer.data.config import DataConfig
+from trainer.data.epoch_count import epoch_batches, row_lengths
 from trainer.data.formatting import Formatter
 from trainer.data.packing import Batch
 from trainer.data.sharding import build_units, deal_ranges, merge_ranges, ranges_rows, shard_bounds
-from trainer.data.sources import Columns, SourceFile, describe_file, read_group, resolve_paths
+from trainer.data.sources import Columns, SourceFile, describe_file, resolve_paths
 from trainer.data.stream import (
     ShardPlan,
     ShardState,
     ShardStream,
     StreamSpec,
     fresh_state,
-    row_locator,
     shard_remainder,
 )
 from trainer.data.tokenize import eos_id, pad_id, tokenizer_fingerprint
@@ -162,7 +161,7 @@ class TrainData:
         self._local_done = False
         self._done_shards: list[ShardState] = []  # final shard states once local_done
         self._plan: list[ShardPlan] | None = None  # this rank's shards in a re-sharded epoch
-        self._approx: int | None = None
+        self.counted_batches: list[list[int]] | None = None  # count_batches(): [epoch][rank]
 
     # -- iteration ------------------------------------------------------------------------------
     def _make_loader(self) -> StatefulDataLoader:
@@ -363,13 +362,15 @@ class TrainData:
                 stats["carries"],
             )
 
-    # -- estimates ----------------------------------------------------------------------------------
-    def approx_batches_per_epoch(self) -> int:
-        """Estimated micro-batches per rank per epoch (for LR schedules): train rows from the
-        metadata, tokens per document from a sample of up to 64 documents of the first group."""
-        if self._approx is None:
-            self._approx = _estimate_batches(self.spec, self.cfg)
-        return self._approx
+    # -- length ---------------------------------------------------------------------------------
+    def count_batches(self, epochs: int) -> list[list[int]]:
+        """Micro-batches every rank yields in each of the first ``epochs`` epochs (``[epoch][rank]``),
+        counted exactly (:mod:`trainer.data.epoch_count`); kept in ``counted_batches``.
+
+        A collective (the ranks share the counting): every rank must call it."""
+        tokens, first = row_lengths(self.spec, dict(self.fingerprint), self.dist)
+        self.counted_batches = [epoch_batches(self.spec, e, tokens, first) for e in range(epochs)]
+        return self.counted_batches
 
 
 def _old_shard_states(spec: StreamSpec, states: list[TrainDataState]) -> list[ShardState]:
@@ -481,45 +482,6 @@ def _sft_counts(stats: EpochStats) -> str:
         f"; SFT samples on rank 0: {stats['truncated_docs']} truncated to max_seq_len (head kept), "
         f"{stats['no_target_docs']} dropped with no response token left"
     )
-
-
-def _estimate_batches(spec: StreamSpec, cfg: DataConfig) -> int:
-    if not spec.units:
-        return 0
-    unit = spec.units[0]
-    src = spec.files[unit.file]
-    fmt = spec.formatter
-    lengths: list[int] = []
-    sampled = min(unit.rows, 64)
-    for rb in read_group(src, unit.group, unit.row_base, 0, sampled, fmt.single_column or fmt.columns):
-        if src.tokenized:
-            lengths += [len(v) for v in rb.values if v is not None and len(v)]
-        else:
-            locate = row_locator(src, src.groups[unit.group].first_row, list(range(len(rb.values))))
-            lengths += [
-                len(s.ids) for s in fmt.format_batch(rb.values, locate) if s is not None and len(s.ids)
-            ]
-    if not lengths:
-        return 0
-    rows = spec.total_rows * (1.0 - spec.holdout_fraction) / spec.world_size
-    T = spec.max_seq_len
-    if fmt.supervised:  # whole samples, truncated: packed rows as the packer fills them
-        lens = np.minimum(lengths, T)
-        sequences = rows * (_whole_sample_rows(lens, T) / len(lens) if spec.pack else 1.0)
-    else:
-        lens = np.asarray(lengths) + (1 if spec.pack else 0)
-        sequences = rows * (lens.mean() / T if spec.pack else np.ceil(lens / T).mean())
-    return max(1, int(np.ceil(sequences / spec.micro_batch_size)))
-
-
-def _whole_sample_rows(lengths: np.ndarray, seq_len: int) -> int:
-    """Rows the SFT packer fills with samples of these lengths, in this order (none split)."""
-    rows, fill = 0, seq_len
-    for n in lengths.tolist():
-        if fill + n > seq_len:
-            rows, fill = rows + 1, 0
-        fill += n
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ eval

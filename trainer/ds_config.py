@@ -102,16 +102,23 @@ def precision_block(precision: Precision) -> dict[str, Any]:
     stage (what a bare loop and HF Trainer do), the master weights *are* the parameters, and ZeRO-0
     steps our own fused AdamW. The cost: parameters held in fp32 (4 bytes, not 2, for the part that
     is not partitioned; ``dstrain estimate`` counts it) and a 16-bit copy of each weight made per
-    forward. DeepSpeed reduces the gradients of ``nn.Linear`` weights in the autocast dtype (their
-    values are already 16-bit products, so nothing is lost before the sum over ranks) and the rest
-    in fp32. fp16 gets a ``torch.amp.GradScaler`` from DeepSpeed (dynamic loss scaling).
+    forward. ``lower_precision_safe_modules: []``: DeepSpeed would otherwise reduce ``nn.Linear``
+    gradients in the autocast dtype, which rounds the accumulated gradient to 16 bits at ZeRO-1
+    (it reduces once per step) and every micro-batch's partial sum over ranks at ZeRO-2/3
+    (measured: 2-4e-3 relative error against the fp32 sum, vs 1e-6 with fp32 reduction). So
+    gradients are reduced in fp32, as DDP does for fp32 parameters: twice the bytes of a 16-bit
+    reduction. fp16 gets a ``torch.amp.GradScaler`` from DeepSpeed (dynamic loss scaling).
     The ``bf16``/``fp16`` sections stay, disabled, so the JSON states it explicitly.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     block: dict[str, Any] = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
     if precision != "fp32":
-        block["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision]}
+        block["torch_autocast"] = {
+            "enabled": True,
+            "dtype": AUTOCAST_DTYPES[precision],
+            "lower_precision_safe_modules": [],  # reduce gradients in fp32 (see above)
+        }
     return block
 
 

@@ -143,10 +143,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             del probs
             if grad_hidden is not None:
                 torch.mm(grad_logits, w, out=grad_hidden[start:stop])
-            if grad_weight is not None and grad_weight.dtype == chunk.dtype:
-                grad_weight.addmm_(grad_logits.t(), chunk)
-            elif grad_weight is not None:  # a 16-bit product per chunk, summed in fp32
-                grad_weight += grad_logits.t().mm(chunk)
+            if grad_weight is not None:
+                add_product(grad_weight, grad_logits.t(), chunk)
             del grad_logits
         return (
             _cast(grad_hidden, hidden.dtype),
@@ -156,6 +154,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b``, ``acc`` fp32 and ``a``, ``b`` maybe 16-bit.
+
+    Same dtypes: one in-place GEMM. 16-bit factors on CUDA: one GEMM that accumulates into the
+    fp32 ``acc`` (``out_dtype``, torch >= 2.8), so the [vocab x hidden] accumulator is read and
+    written once per chunk and no 16-bit product is materialised; elsewhere (CPU, older torch)
+    the 16-bit product is made and added in fp32.
+    """
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # no 16-bit x 16-bit -> fp32 GEMM in this build
+            pass
+    acc += a.mm(b)
 
 
 def compute_dtype_for(tensor: torch.Tensor) -> torch.dtype:

@@ -231,3 +231,52 @@ def test_peak_memory_is_at_least_4x_lower_at_vocab_152k_and_2k_tokens():
         f"{chunked['peak_bytes'] / 2**20:.0f} MiB, ratio {ratio:.1f}x"
     )
     assert ratio >= 4, (plain, chunked)
+
+
+def test_chunked_loss_under_bf16_autocast_follows_autocast_and_sums_the_head_gradient_in_fp32():
+    """Under autocast (how bf16 trains) the chunked head runs its matmuls in bf16 like the plain
+    path, keeps fp32 gradients for fp32 weights, and its summed weight gradient is closer to the
+    exact one than autocast's single bf16-rounded product."""
+    torch.manual_seed(0)
+    tokens, hidden_size, vocab = 96, 32, 500
+    hidden = torch.randn(tokens, hidden_size)
+    weight = torch.randn(vocab, hidden_size) * 0.05
+    targets = torch.randint(0, vocab, (tokens,))
+    grads = {}
+    for mode in ("plain", "chunked", "exact"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        if mode == "exact":
+            loss = F.cross_entropy(F.linear(h.double(), w.double()), targets, reduction="sum")
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if mode == "plain":
+                    loss = F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum")
+                else:
+                    loss = linear_cross_entropy_sum(h, w, targets, chunk_bytes=16 * 4 * vocab)
+        loss.backward()
+        grads[mode] = (float(loss.detach()), h.grad, w.grad)
+    (plain_loss, plain_h, plain_w), (loss, grad_h, grad_w) = grads["plain"], grads["chunked"]
+    exact_loss, exact_h, exact_w = grads["exact"]
+    assert grad_w.dtype == torch.float32 and grad_h.dtype == torch.float32
+    assert abs(loss - plain_loss) <= 1e-3 * abs(plain_loss), "bf16 matmuls, like autocast's"
+    assert abs(loss - exact_loss) > 1e-6 * abs(exact_loss), "the matmuls really ran in bf16"
+    assert (grad_h - plain_h).abs().max() <= 2e-2 * plain_h.abs().max()
+    chunked_err = (grad_w.double() - exact_w).abs().max()
+    plain_err = (plain_w.double() - exact_w).abs().max()
+    assert chunked_err < plain_err
+
+
+def test_add_product_accumulates_16_bit_factors_in_fp32():
+    from trainer.loss import add_product
+
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 30).bfloat16(), torch.randn(30, 20).bfloat16()
+    acc = torch.ones(40, 20)
+    add_product(acc, a, b)
+    assert acc.dtype == torch.float32
+    exact = 1 + a.double() @ b.double()
+    assert (acc.double() - exact).abs().max() <= 1e-2 * exact.abs().max()  # one bf16 rounding
+    same = torch.ones(40, 20)
+    add_product(same, a.float(), b.float())
+    assert (same.double() - (1 + a.double() @ b.double())).abs().max() <= 1e-4

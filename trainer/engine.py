@@ -32,6 +32,10 @@ def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, An
         lr_scheduler=lambda opt: make_scheduler(opt, total_steps, job.schedule),
         config=ds_config,
     )
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every
+        # gradient into buckets, "all-reduce" them and copy them back at each boundary.
+        engine.enable_backward_allreduce = False
     return engine
 
 

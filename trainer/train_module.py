@@ -78,7 +78,8 @@ class TrainModule:
         engine = self.engine
         lrs = [float(lr) for lr in engine.get_lr()]  # read before the scheduler steps
         scale = self.dist.world_size / max(total_targets, 1)
-        engine.train()
+        if not engine.module.training:  # train() walks every module: only after an eval
+            engine.train()
         loss_sum = torch.zeros((), device=self.dist.device)
         poison = fault("in_step", step, self.dist.rank)
         for i, batch in enumerate(micro_batches):

@@ -172,19 +172,35 @@ def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def load_pretrained(cfg: ModelConfig, attn: str) -> torch.nn.Module:
-    """Weights from a local dir or a hub id, in fp32 (DeepSpeed casts and keeps master weights)."""
+def load_pretrained(cfg: ModelConfig, attn: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Weights from a local dir or a hub id, in fp32 (the trained weights are the master weights;
+    autocast runs the matmuls in 16-bit) unless ``dtype`` says otherwise (a frozen LoRA base)."""
     try:
         return AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
             attn_implementation=attn,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise load_error(
             exc, f"--model.name_or_path {cfg.name_or_path!r} could not be loaded as a causal LM"
         ) from None
+
+
+def frozen_base_dtype(job: JobConfig, precision: Precision, ds_config: dict[str, Any] | None) -> torch.dtype:
+    """The dtype the pretrained weights load in.
+
+    A LoRA base is frozen: it needs no fp32 master copy, so in a bf16/fp16 run it loads in that
+    dtype (2 bytes a weight instead of 4) and autocast's cast of it is free; peft keeps the adapters
+    fp32. Under ZeRO-3, ``deepspeed.zero.Init`` casts every parameter to the config's dtype as it
+    partitions (fp32, since bf16 runs as autocast over fp32), so the base stays fp32 there
+    (partitioned over the ranks).
+    """
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if job.lora.enabled and precision in ("bf16", "fp16") and stage != 3:
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
 
 
 def build_from_architecture(job: JobConfig, tokenizer: Any, attn: str) -> torch.nn.Module:
@@ -263,7 +279,7 @@ def build_model(
     warn_remote_code(cfg)
     if cfg.name_or_path:
         with zero3_init(ds_config):
-            model = load_pretrained(cfg, attn)
+            model = load_pretrained(cfg, attn, frozen_base_dtype(job, precision, ds_config))
         fit_vocab(model, tokenizer)
     else:
         model = build_from_architecture(job, tokenizer, attn)

@@ -93,3 +93,37 @@ def test_gradient_checkpointing_keeps_gradients_identical():
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_frozen_lora_base_loads_in_16_bit_under_bf16_and_the_adapters_stay_fp32(tmp_path, tiny_tokenizer_dir):
+    """bf16 trains fp32 parameters under autocast; a frozen base needs no fp32 copy (2 bytes a
+    weight, as dstrain estimate counts), except under ZeRO-3, whose zero.Init casts to fp32."""
+    import torch
+
+    from tests.helpers import save_chat_base
+    from trainer.config import build_config
+    from trainer.ds_config import build_ds_config
+    from trainer.loss import summed_loss
+    from trainer.model import build_model
+    from trainer.tokenizer import load_tokenizer
+
+    base = save_chat_base(tmp_path / "base", tiny_tokenizer_dir)
+    job = build_config(
+        base={
+            "tokenizer": str(base),
+            "model": {"name_or_path": str(base), "gradient_checkpointing": False},
+            "lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "zero": {"stage": 2},
+        }
+    )
+    tokenizer = load_tokenizer(str(base))
+    model = build_model(job, tokenizer, "bf16", False, build_ds_config(job, "bf16", False))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    ids = torch.randint(3, 60, (2, 12))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12).expand(2, 12)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        summed_loss(model, batch, "cpu").backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

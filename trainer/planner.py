@@ -352,33 +352,36 @@ def choose(
     recipe's micro-batch, or None for auto: then a layout fits when it holds the smaller of
     ``rows_per_rank`` and ``MIN_MICRO_TOKENS`` worth of rows (failing that, one row), and the
     micro-batch is the largest that fits and divides ``rows_per_rank``, so the global batch stays.
-    Checkpointing options are tried in order (off before on: recomputation costs a forward).
+    Checkpointing options are tried in order (off before on: recomputation costs a forward), and
+    both before offloading (streaming states over PCIe and stepping on the CPU cost more).
     """
     if micro is not None:
         needs = [micro]
     else:
         useful = min(rows_per_rank, max(1, math.ceil(MIN_MICRO_TOKENS / seq_len)))
         needs = [useful] + ([1] if useful > 1 else [])
-    for need in needs:
-        for checkpointing in checkpointing_options:
-            rows = fits[checkpointing]
-            for i, fit in enumerate(rows):
-                if fit.max_micro_batch < need:
-                    continue
-                if micro is None:
-                    chosen = largest_divisor_at_most(rows_per_rank, fit.max_micro_batch)
-                    accum = rows_per_rank // chosen
-                else:
-                    chosen, accum = micro, grad_accum
-                faster = [f"ZeRO-{r.layout.name} holds {r.max_micro_batch}" for r in rows[:i]]
-                why = (
-                    f"ZeRO-{fit.layout.name} is the fastest layout that fits {need} row(s) of {seq_len}"
-                    + (f" ({'; '.join(faster)})" if faster else "")
-                    + f"; micro-batch {chosen} (up to {fit.max_micro_batch} fit) x accum {accum}"
-                    + (", gradient checkpointing on" if checkpointing else "")
-                    + (" (needed to fit)" if checkpointing and False in checkpointing_options else "")
-                )
-                return Choice(fit.layout, chosen, accum, checkpointing, why)
+    tiers = [
+        (need, offload, ckpt) for need in needs for offload in (False, True) for ckpt in checkpointing_options
+    ]
+    for need, offload, checkpointing in tiers:
+        rows = fits[checkpointing]
+        for i, fit in enumerate(rows):
+            if fit.max_micro_batch < need or fit.layout.offload_optimizer != offload:
+                continue
+            if micro is None:
+                chosen = largest_divisor_at_most(rows_per_rank, fit.max_micro_batch)
+                accum = rows_per_rank // chosen
+            else:
+                chosen, accum = micro, grad_accum
+            faster = [f"ZeRO-{r.layout.name} holds {r.max_micro_batch}" for r in rows[:i]]
+            why = (
+                f"ZeRO-{fit.layout.name} is the fastest layout that fits {need} row(s) of {seq_len}"
+                + (f" ({'; '.join(faster)})" if faster else "")
+                + f"; micro-batch {chosen} (up to {fit.max_micro_batch} fit) x accum {accum}"
+                + (", gradient checkpointing on" if checkpointing else "")
+                + (" (needed to fit)" if checkpointing and False in checkpointing_options else "")
+            )
+            return Choice(fit.layout, chosen, accum, checkpointing, why)
     return None
 
 

@@ -273,6 +273,11 @@ def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         on_gpu, bf16_ok = args.device == "gpu", True
     precision = resolve_precision(args.precision or cfg.model.dtype, on_gpu, bf16_ok)
+    if cfg.zero.stage == "auto" or cfg.train.micro_batch_size == "auto":
+        raise ConfigError(
+            "zero.stage or train.micro_batch_size is auto, which the ranks choose at start: pass --zero N "
+            "and --micro-batch-size M (`dstrain estimate RECIPE --gpus G` shows what auto would take)"
+        )
     sys.stdout.write(dump_ds_config(build_ds_config(cfg, precision, on_gpu)))
     return 0
 

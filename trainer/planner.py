@@ -440,21 +440,35 @@ def plan_auto(job: Any, hardware: Hardware, precision: str, saved: Any = None) -
     ckpt_options = (
         [False, True] if job.model.gradient_checkpointing == "auto" else [job.model.gradient_checkpointing]
     )
+    choose_for = _cpu_choice if hardware.gpu_mem_bytes is None else _gpu_choice
+    choice = None
     if saved is not None:
         kept = _kept_from_checkpoint(job, saved, hardware, precision, rows)
         if kept is not None:
             job, line = kept
             return job, [*lines, line]
-    if hardware.gpu_mem_bytes is None:
-        choice = _cpu_choice(job, world, rows, micro, ckpt_options)
-    else:
-        choice = _gpu_choice(job, hardware, precision, rows, micro, ckpt_options)
-    if saved is not None:
-        lines.append(
-            f"the checkpoint's setup (ZeRO-{saved.zero.stage}, micro-batch {saved.train.micro_batch_size}, "
-            f"checkpointing {str(saved.model.gradient_checkpointing).lower()}) does not fit "
-            f"{world} rank(s) here: planning again"
-        )
+        if job.zero.stage == "auto" and saved.zero.stage != "auto":
+            # The stage first: changing it re-shards the checkpoint (and ZeRO-0's cannot be).
+            layout = {
+                "stage": saved.zero.stage,
+                "offload_optimizer": saved.zero.offload_optimizer,
+                "offload_params": saved.zero.offload_params,
+            }
+            pinned = replace_in(job, "zero", **layout)
+            try:
+                choice = choose_for(pinned, hardware, precision, rows, micro, ckpt_options)
+                job = pinned
+                lines.append(f"kept the checkpoint's zero.stage {saved.zero.stage}; the rest planned again")
+            except ConfigError:
+                choice = None
+        if choice is None:
+            lines.append(
+                f"the checkpoint's setup (ZeRO-{saved.zero.stage}, micro-batch {saved.train.micro_batch_size}, "
+                f"checkpointing {str(saved.model.gradient_checkpointing).lower()}) does not fit "
+                f"{world} rank(s) here: planning again"
+            )
+    if choice is None:
+        choice = choose_for(job, hardware, precision, rows, micro, ckpt_options)
     job = apply_choice(job, choice)
     lines.append(
         f"planner: zero.stage {choice.layout.stage}, offload optimizer {str(choice.layout.offload_optimizer).lower()}, "
@@ -485,8 +499,10 @@ def replace_in(job: Any, section: str, **changes: Any) -> Any:
     return dataclasses.replace(job, **{section: dataclasses.replace(getattr(job, section), **changes)})
 
 
-def _cpu_choice(job: Any, world: int, rows: int, micro: int | None, ckpt_options: list[bool]) -> Choice:
-    layout = candidate_layouts(job, world)[0]
+def _cpu_choice(
+    job: Any, hardware: Hardware, precision: str, rows: int, micro: int | None, ckpt_options: list[bool]
+) -> Choice:
+    layout = candidate_layouts(job, hardware.world_size)[0]
     if micro is None:
         micro, accum = largest_divisor_at_most(rows, CPU_MAX_MICRO_BATCH), None
         accum = rows // micro
@@ -606,7 +622,8 @@ def _kept_from_checkpoint(
 
 
 def local_hardware(world_size: int, ranks_per_node: int, gpu_mem_bytes: float | None) -> Hardware:
-    """Hardware facts with this machine's usable cores."""
+    """Hardware facts with the cores this process may run on (its affinity: a container's or
+    a job's share, not the whole machine)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return Hardware(world_size, ranks_per_node, gpu_mem_bytes, cpus)
 
@@ -625,6 +642,8 @@ def plan_for_ranks(job: Any, dist: Any, precision: str, saved: Any = None) -> An
         own = float(torch.cuda.get_device_properties(dist.cuda_index).total_memory)
         gpu_mem = -all_reduce_max([-own], dist, "the planner's GPU memory")[0] if dist.world_size > 1 else own
     hardware = local_hardware(dist.world_size, dist.local_world_size, gpu_mem)
+    if dist.launcher == "srun":  # srun binds each task to its own --cpus-per-task cores
+        hardware = dataclasses.replace(hardware, cpus=hardware.cpus * dist.local_world_size)
     job, lines = plan_auto(job, hardware, precision, saved)
     if dist.is_main:
         for line in lines:

@@ -120,3 +120,14 @@ def test_a_resume_keeps_the_checkpoints_choice_while_it_fits():
 )
 def test_default_workers_follow_the_cores_per_rank(cpus, ranks, workers):
     assert default_num_workers(cpus, ranks) == workers
+
+
+def test_a_resume_on_another_world_size_keeps_the_stage_and_replans_the_micro_batch():
+    """A ZeRO-0 checkpoint from one rank, resumed on two: ZeRO-0 stays (its state cannot be
+    re-sharded to another stage), the micro-batch is planned again for 12 rows per rank."""
+    auto = job("qwen2.5-0.5b", 256, 24)
+    first, _ = plan_auto(auto, Hardware(1, 1, None, 2), "fp32")
+    assert (first.zero.stage, first.train.micro_batch_size, first.train.grad_accum) == (0, 8, 3)
+    resumed, lines = plan_auto(auto, Hardware(2, 2, None, 2), "fp32", saved=first)
+    assert (resumed.zero.stage, resumed.train.micro_batch_size, resumed.train.grad_accum) == (0, 6, 2)
+    assert any("kept the checkpoint's zero.stage 0" in line for line in lines)

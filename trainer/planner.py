@@ -11,12 +11,15 @@ gradients are fp32 and accumulate in fp32 at every stage.
       0      4        4          -             8             16
       1      4        4          4/N           8/N           8 + 12/N
       2      4        4/N        4/N           8/N           4 + 16/N
-      3      4/N      4/N        -             8/N           16/N
+      3      4/N      4/N        4/N           8/N           20/N
 
   ZeRO-1/2 keep ``single_partition_of_fp32_groups``, a copy of the rank's partition
-  (``.detach().clone()``, even when the weights are fp32 already); ZeRO-3 steps its fp32
-  partition in place (``fp32_partitioned_groups_flat`` *is* the weight partition when the dtypes
-  match). ``offload_optimizer`` moves the master and Adam state to host memory, plus CPU Adam's
+  (``.detach().clone()``, even when the weights are fp32 already). ZeRO-3 means to step its fp32
+  partition in place when the dtypes match, but its test compares a ``torch.device`` with the
+  string ``current_device_name()`` (``torch.device("cuda:0") == "cuda:0"`` is False), so it
+  clones too. Measured on one CPU rank after backward, before the step (bytes of distinct fp32
+  storages per parameter): ZeRO-0 16.0, ZeRO-1 20.0, ZeRO-2 20.0, ZeRO-3 20.0 (five fp32
+  buffers the model's size: weights, gradients, master, m, v). ``offload_optimizer`` moves the master and Adam state to host memory, plus CPU Adam's
   fp32 gradient partition (4/N); ``offload_params`` (ZeRO-3) moves the weight partition too.
 * **Frozen weights** (LoRA's base): their 16-bit copy only (4 bytes in fp32 runs), no
   gradient, no optimizer state; partitioned at ZeRO-3, which partitions every parameter.
@@ -119,7 +122,7 @@ def model_states(
     n = world
     weights = (4 * trainable + (4 if precision == "fp32" else 2) * frozen) / (n if layout.stage >= 3 else 1)
     gradients = 4 * trainable / (n if layout.stage >= 2 else 1)
-    master = 4 * trainable / n if layout.stage in (1, 2) else 0.0
+    master = 4 * trainable / n if layout.stage >= 1 else 0.0
     adam = 8 * trainable / (n if layout.stage >= 1 else 1)
     optimizer, host = master + adam, 0.0
     if layout.offload_optimizer:

@@ -59,7 +59,9 @@ def meta_model(config_dir, lora_targets=None):
         if lora_targets:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, target_modules=lora_targets))
+            model = get_peft_model(
+                model, LoraConfig(task_type="CAUSAL_LM", r=16, target_modules=lora_targets)
+            )
     return model
 
 
@@ -97,7 +99,10 @@ def test_an_unreachable_hub_id_is_one_line_and_no_preset_stands_in(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     out = subprocess.run(
         [sys.executable, "-m", "launcher.estimate", recipe, "--gpus", "8", "--no-data"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 2, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
@@ -107,11 +112,11 @@ def test_an_unreachable_hub_id_is_one_line_and_no_preset_stands_in(tmp_path):
 
 def test_model_states_per_parameter_follow_deepspeed_0_19_8():
     """Bytes per trainable parameter on 8 ranks for fp32 weights under torch_autocast, read off
-    DeepSpeed 0.19.8: ZeRO-1/2 clone the rank's partition as the fp32 master
-    (stage_1_and_2.py, ``single_partition_of_fp32_groups``); ZeRO-3 steps its fp32 partition in
-    place (stage3.py: the "fp16" flat partition *is* the fp32 one when the dtypes match)."""
+    DeepSpeed 0.19.8 and measured on one CPU rank (trainer/planner.py's docstring): every ZeRO
+    stage >= 1 keeps a cloned fp32 master partition (stage_1_and_2.py's
+    ``single_partition_of_fp32_groups``; stage3.py's in-place path never triggers)."""
     n, psi = 8, 8_000
-    per_param = {0: 4 + 4 + 8, 1: 4 + 4 + (4 + 8) / n, 2: 4 + (4 + 4 + 8) / n, 3: (4 + 4 + 8) / n}
+    per_param = {0: 4 + 4 + 8, 1: 4 + 4 + (4 + 8) / n, 2: 4 + (4 + 4 + 8) / n, 3: (4 + 4 + 4 + 8) / n}
     for stage, expected in per_param.items():
         states = model_states(psi, n, Layout(stage), "bf16")
         assert states.gpu / psi == pytest.approx(expected), stage
@@ -231,7 +236,9 @@ def test_recommendation_is_the_cheapest_layout_that_fits_and_its_largest_micro_b
     need = 4
     plain = [row for row in report["layouts"]["no_checkpointing"] if row["layout"] != "0"]
     assert rec["gradient_checkpointing"] == all(row["max_micro_batch_size"] < need for row in plain)
-    rows = [r for r in report["layouts"]["checkpointing" if rec["gradient_checkpointing"] else "no_checkpointing"]]
+    rows = [
+        r for r in report["layouts"]["checkpointing" if rec["gradient_checkpointing"] else "no_checkpointing"]
+    ]
     rows = [row for row in rows if row["layout"] != "0"]
     chosen = next(i for i, row in enumerate(rows) if row["layout"] == rec["layout"])
     assert all(row["max_micro_batch_size"] < need for row in rows[:chosen]), "a faster layout fits"
@@ -353,3 +360,77 @@ def test_the_planners_copy_of_the_loss_settings_matches_trainer_loss():
 
     assert estimate.CHUNK_BYTES == loss.DEFAULT_CHUNK_BYTES
     assert estimate.CHUNKED_MODEL_TYPES == loss.CHUNKED_MODEL_TYPES
+
+
+DS_PROBE = r"""
+import gc, json, sys
+import torch
+import deepspeed
+
+def fp32_bytes():
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.dtype != torch.float32:
+                continue
+            storage = obj.untyped_storage()
+        except Exception:
+            continue
+        if storage.data_ptr() not in seen and storage.nbytes() > 4096:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+out = {}
+for stage in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(8)])
+    psi = sum(p.numel() for p in model.parameters())
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": stage},
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    x = torch.randn(4, 256)
+    engine.backward(engine(x).float().pow(2).mean())
+    engine.step()
+    engine.backward(engine(x).float().pow(2).mean())  # the peak: gradients and optimizer state
+    gc.collect()
+    out[stage] = fp32_bytes() / psi
+    engine.destroy()
+    del engine, optimizer, model
+    gc.collect()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.distributed
+def test_model_states_match_a_deepspeed_engine_under_torch_autocast():
+    """fp32 bytes per parameter that a real DeepSpeed 0.19.8 engine holds (one CPU rank,
+    torch_autocast bf16 over fp32 weights) between backward and step, against the planner."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29517",
+    )
+    stages = [0, 1, 3]
+    out = subprocess.run(
+        [sys.executable, "-c", DS_PROBE, json.dumps(stages)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    for stage in stages:
+        planned = model_states(1000, 1, Layout(stage), "bf16").gpu / 1000
+        assert measured[str(stage)] == pytest.approx(planned, abs=0.5), (stage, measured)

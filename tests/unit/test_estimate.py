@@ -171,19 +171,20 @@ SHAPE = {
 }
 
 
+def run_probe(script: str, arg: object, **env: str) -> dict:
+    """Run ``script`` in a fresh Python with ``arg`` as JSON; its last stdout line, as JSON."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(arg)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measured_peak(spec: dict) -> int:
     """Peak RSS growth of one training forward/backward in a fresh process. glibc's mmap
     threshold is pinned low so freed tensors leave RSS at once (see tests/unit/test_loss.py)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return run_probe(PROBE, spec, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")["peak_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -411,26 +412,9 @@ print(json.dumps(out))
 def test_model_states_match_a_deepspeed_engine_under_torch_autocast():
     """fp32 bytes per parameter that a real DeepSpeed 0.19.8 engine holds (one CPU rank,
     torch_autocast bf16 over fp32 weights) between backward and step, against the planner."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT="29517",
-    )
     stages = [0, 1, 3]
-    out = subprocess.run(
-        [sys.executable, "-c", DS_PROBE, json.dumps(stages)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    measured = run_probe(DS_PROBE, stages, OMP_NUM_THREADS="1", MASTER_PORT="29517", **one_rank)
     for stage in stages:
         planned = model_states(1000, 1, Layout(stage), "bf16").gpu / 1000
         assert measured[str(stage)] == pytest.approx(planned, abs=0.5), (stage, measured)

@@ -50,6 +50,7 @@ from trainer.config import (
 from trainer.dist import global_batch_summary
 from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
 from trainer.errors import ConfigError, DstrainError
+from trainer.planner import is_auto, rows_per_rank
 
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).
 DELEGATED: dict[str, tuple[str, str, str]] = {
@@ -81,6 +82,13 @@ def write_run_files(cfg: JobConfig, on_gpu: bool, bf16_ok: bool) -> Path:
     """Write <output_dir>/run.yaml and ds_config.json; returns the run.yaml path (absolute)."""
     precision = resolve_precision(cfg.model.dtype, on_gpu, bf16_ok)
     run_yaml = save_run_yaml(cfg, cfg.output_dir).resolve()
+    if is_auto(cfg):  # the ranks plan on the GPUs they find, then rewrite both files
+        print(
+            f"dstrain: wrote {run_yaml} ({precision}); zero.stage, micro-batch or checkpointing is auto: "
+            "the ranks choose on their GPUs, log the choice and write it into run.yaml and ds_config.json",
+            file=sys.stderr,
+        )
+        return run_yaml
     ds_path = write_ds_config(build_ds_config(cfg, precision, on_gpu), run_yaml.parent / "ds_config.json")
     print(
         f"dstrain: wrote {run_yaml} and {ds_path.name} ({precision}, ZeRO-{cfg.zero.stage})", file=sys.stderr
@@ -90,6 +98,16 @@ def write_run_files(cfg: JobConfig, on_gpu: bool, bf16_ok: bool) -> Path:
 
 def say_global_batch(cfg: JobConfig, world_size: int) -> None:
     train = cfg.train
+    if train.micro_batch_size == "auto":
+        rows, note = rows_per_rank(cfg, world_size)
+        if note:
+            print(f"dstrain: {note}", file=sys.stderr)
+        print(
+            f"dstrain: global batch = {rows * world_size} sequences ({rows * world_size * cfg.data.max_seq_len} "
+            "tokens); the micro-batch is auto (the ranks log it)",
+            file=sys.stderr,
+        )
+        return
     summary = global_batch_summary(train.micro_batch_size, train.grad_accum, world_size, cfg.data.max_seq_len)
     print(f"dstrain: {summary}", file=sys.stderr)
 
@@ -255,6 +273,11 @@ def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         on_gpu, bf16_ok = args.device == "gpu", True
     precision = resolve_precision(args.precision or cfg.model.dtype, on_gpu, bf16_ok)
+    if cfg.zero.stage == "auto" or cfg.train.micro_batch_size == "auto":
+        raise ConfigError(
+            "zero.stage or train.micro_batch_size is auto, which the ranks choose at start: pass --zero N "
+            "and --micro-batch-size M (`dstrain estimate RECIPE --gpus G` shows what auto would take)"
+        )
     sys.stdout.write(dump_ds_config(build_ds_config(cfg, precision, on_gpu)))
     return 0
 

@@ -3,43 +3,11 @@
     dstrain estimate RECIPE --gpus N [--nodes M] [--gpu-mem GB] [--json] [--section.key value ...]
                      [--tokens-per-s X | --metrics RUN_DIR | --mfu F [--peak-tflops P]]
 
-Memory per GPU, in bytes. Psi parameters, N data-parallel ranks (gpus x nodes), AdamW.
-
-* **Model states** (ZeRO paper, Rajbhandari et al. 2020, sec. 3 and 5): with 16-bit training,
-  2 Psi weights, 2 Psi gradients and 12 Psi optimizer state (fp32 master weights, momentum,
-  variance). ZeRO-1 partitions the optimizer state (4 Psi + 12 Psi/N), ZeRO-2 the gradients too
-  (2 Psi + 14 Psi/N), ZeRO-3 the weights too (16 Psi/N). fp32 training splits the same 16 Psi as
-  4/4/8 (no master copy). ``offload_optimizer`` moves the optimizer state to host memory, where
-  DeepSpeed's CPU Adam also keeps an fp32 gradient partition (4 Psi/N); ``offload_params``
-  (ZeRO-3) moves the 16-bit weight partition there as well.
-* **Buffers** (approximate; they vary with DeepSpeed's version): ZeRO-1/2 reduce and all-gather
-  buckets, 2 bytes an element, 4.5x each with ``overlap_comm`` (DeepSpeed's own rule of thumb);
-  ZeRO-3 the prefetch and reduce buckets plus the largest parameter, which is gathered whole.
-* **Activations**, per decoder layer and token: the tensors autograd saves for backward in
-  transformers' Llama/Qwen2 block. This redoes Korthikanti et al. 2022 ("Reducing Activation
-  Recomputation in Large Transformer Models", sec. 4: 34 s b h per GPT layer) for RMSNorm, GQA,
-  a SwiGLU MLP, no dropout, and SDPA/flash kernels that keep a log-sum-exp instead of the T x T
-  scores. With ``e`` bytes per activation (2 in bf16, 4 in fp32), ``h`` hidden, ``a`` heads and
-  ``k`` KV heads of width ``d``, ``f`` the MLP width::
-
-      2 RMSNorms   2 (4 + 2e) h     fp32 input, normalised and weighted outputs (q/k/v and MLP inputs)
-      attention    e a d            queries after RoPE
-                   2 e k d          keys, values (2 e a d when transformers repeats them: SDPA with a
-                                    mask, i.e. packed or padded rows, and eager)
-                   e a d + e a d    kernel output and o_proj's input (a transposed copy; flash: one)
-                   4 a              log-sum-exp (eager instead keeps the fp32 softmax and its
-                                    16-bit copy: (4 + e) a T)
-      SwiGLU MLP   4 e f            gate and up outputs, SiLU output, their product
-
-  plus the final norm, (4 + 2e) h. With gradient checkpointing a layer keeps only its input
-  (e h) and one layer at a time is recomputed in backward.
-* **Logits**: the plain loss peaks at 12 bytes per token per vocab entry at the start of
-  backward (the saved fp32 log-softmax, its gradient and the incoming one); the chunked loss
-  (:mod:`trainer.loss`) at about (8 + e) x chunk tokens x vocab (one chunk's logits) plus the
-  head's weight gradient accumulated in fp32, 4 x vocab x h (+ 2 x vocab x h for a chunk's
-  16-bit product in bf16).
-* **Peak** = saved activations + final norm + logits without checkpointing; with it, the layer
-  inputs + max(final norm + logits, one recomputed layer).
+Memory per GPU, in bytes, by the model in :mod:`trainer.planner` (model states as DeepSpeed
+0.19.8 keeps them for fp32 weights trained under ``torch_autocast``, LoRA's frozen base at its
+16-bit size, autocast's 16-bit weight copies, communication buffers, and the activations autograd
+saves in a Llama-family decoder, with and without gradient checkpointing); the same model sizes
+``zero.stage: auto`` and ``train.micro_batch_size: auto`` at the start of a run.
 
 Checked against a real CPU forward/backward in fp32 (``tests/unit/test_estimate.py``, peak RSS
 growth; docs/benchmarks.md has the figures). The bf16 figures use the same tensors with e = 2.
@@ -55,208 +23,45 @@ ETA from a given tokens/s, a run's measured ``metrics.jsonl``, or an assumed MFU
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from trainer.config import JobConfig, build_config
-from trainer.ds_config import (
-    ALLGATHER_BUCKET_SIZE,
-    REDUCE_BUCKET_SIZE,
-    STAGE3_PREFETCH_BUCKET_SIZE,
-    resolve_precision,
-)
+from trainer.ds_config import resolve_precision
 from trainer.errors import ConfigError, DataError, DstrainError
-from trainer.flops import ParamCounts, flops_per_token, head_dim, param_counts, peak_tflops_for
+from trainer.flops import flops_per_token, lora_counts_for, param_counts, peak_tflops_for
+from trainer.planner import (  # noqa: F401  (re-exported: the memory model's public names)
+    CHUNK_BYTES,
+    CHUNKED_MODEL_TYPES,
+    GB,
+    LAYOUTS,
+    USABLE_FRACTION,
+    Fit,
+    Layout,
+    activation_memory,
+    candidate_layouts,
+    choose,
+    fits_for,
+    model_states,
+    planned_architecture,
+    resolve_attention,
+    rows_per_rank,
+)
 
-GB = 1e9
-USABLE_FRACTION = 0.9
 DEFAULT_GPU_MEM_GB = 80.0
-MAX_MICRO_BATCH = 4096
 # The loss the trainer uses where trainer.loss.enable_chunked_loss applies.
 DEFAULT_LOSS = "chunked"
-# Mirrors trainer.loss (not imported: that would load torch for --help).
-CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CHUNK_BYTES = 128 * 2**20
-OVERLAP_COMM_FACTOR = 4.5
 
 
-@dataclass(frozen=True)
-class Layout:
-    """One ZeRO setup: a stage and what is offloaded to host memory."""
-
-    stage: int
-    offload_optimizer: bool = False
-    offload_params: bool = False
-
-    @property
-    def name(self) -> str:
-        """Short, for table headers: ``2+oo`` = ZeRO-2 with the optimizer offloaded, ``+op`` params."""
-        return (
-            f"{self.stage}"
-            + ("+oo" if self.offload_optimizer else "")
-            + ("+op" if self.offload_params else "")
-        )
-
-
-# Cheapest first: ZeRO-0/1/2 move as many bytes as plain data parallelism, ZeRO-3 1.5x as many,
-# offloading adds PCIe traffic and a CPU optimizer step.
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(0),
-    Layout(1),
-    Layout(2),
-    Layout(3),
-    Layout(2, offload_optimizer=True),
-    Layout(3, offload_optimizer=True),
-    Layout(3, offload_optimizer=True, offload_params=True),
-)
-
-
-@dataclass(frozen=True)
-class ModelStates:
-    """Per-rank bytes of the ZeRO model states on the GPU, and what offloading puts on the host."""
-
-    weights: float
-    gradients: float
-    optimizer: float
-    host: float
-
-    @property
-    def gpu(self) -> float:
-        return self.weights + self.gradients + self.optimizer
-
-
-def model_states(psi: int, world: int, layout: Layout, precision: str) -> ModelStates:
-    """The ZeRO paper's model states per rank (see the module docstring)."""
-    if precision == "fp32":
-        weight_bytes, grad_bytes, optim_bytes = 4, 4, 8
-    else:
-        weight_bytes, grad_bytes, optim_bytes = 2, 2, 12
-    weights = psi * weight_bytes / (world if layout.stage >= 3 else 1)
-    gradients = psi * grad_bytes / (world if layout.stage >= 2 else 1)
-    optimizer = psi * optim_bytes / (world if layout.stage >= 1 else 1)
-    host = 0.0
-    if layout.offload_optimizer:
-        host += optimizer + psi * 4 / world  # CPU Adam's fp32 gradient partition
-        optimizer = 0.0
-    if layout.offload_params:
-        host += weights
-        weights = 0.0
-    return ModelStates(weights, gradients, optimizer, host)
-
-
-def buffer_bytes(layout: Layout, on_gpu: bool, largest_param: int) -> float:
-    """DeepSpeed's communication buffers (approximate, see the module docstring)."""
-    if layout.stage == 0:
-        return 0.0
-    if layout.stage in (1, 2):
-        overlap = OVERLAP_COMM_FACTOR if on_gpu and layout.stage == 2 else 1.0
-        return 2 * overlap * (REDUCE_BUCKET_SIZE + ALLGATHER_BUCKET_SIZE)
-    return 2 * (STAGE3_PREFETCH_BUCKET_SIZE + REDUCE_BUCKET_SIZE + largest_param)
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Bytes of one micro-batch's activations on one GPU (see the module docstring)."""
-
-    layer_per_token: float
-    saved: float
-    recompute: float
-    logits: float
-    peak: float
-
-
-def activation_memory(
-    config: Any,
-    micro_batch_size: int,
-    seq_len: int,
-    precision: str,
-    attn: str,
-    packed: bool,
-    checkpointing: bool,
-    chunked_loss: bool,
-    chunk_bytes: int = CHUNK_BYTES,
-) -> Activations:
-    """Saved activations and logits of a Llama-family decoder, and their peak in backward."""
-    e = 4 if precision == "fp32" else 2
-    h, layers = config.hidden_size, config.num_hidden_layers
-    a, d = config.num_attention_heads, head_dim(config)
-    k = getattr(config, "num_key_value_heads", None) or a
-    f, vocab = config.intermediate_size, config.vocab_size
-    tokens = micro_batch_size * seq_len
-    repeated_kv = attn == "eager" or (attn == "sdpa" and packed)
-    norm = (4 + 2 * e) * h
-    attention = e * a * d + 2 * e * (a if repeated_kv else k) * d + e * a * d
-    attention += 0 if attn == "flash_attention_2" else e * a * d
-    attention += (4 + e) * a * seq_len if attn == "eager" else 4 * a
-    layer = 2 * norm + attention + 4 * e * f
-    final = tokens * norm
-    if chunked_loss:
-        rows = min(tokens, max(1, chunk_bytes // (4 * vocab)))
-        logits = (8 + e) * rows * vocab + (4 if e == 4 else 6) * vocab * h
-    else:
-        logits = 12.0 * tokens * vocab
-    if checkpointing:
-        saved = layers * tokens * e * h
-        recompute = tokens * layer
-        peak = saved + max(final + logits, recompute)
-    else:
-        saved = layers * tokens * layer
-        recompute = 0.0
-        peak = saved + final + logits
-    return Activations(layer, saved, recompute, logits, peak)
-
-
-@dataclass
-class Fit:
-    """One layout's memory at the recipe's micro-batch, and the largest micro-batch that fits."""
-
-    layout: Layout
-    states: ModelStates
-    buffers: float
-    activations: Activations
-    total: float
-    max_micro_batch: int
-
-
-def fit_layout(
-    layout: Layout, counts: ParamCounts, world: int, usable: float, micro: int, act_args: dict[str, Any]
-) -> Fit:
-    """``layout``'s memory at micro-batch ``micro`` and the largest micro-batch under ``usable``."""
-    states = model_states(counts.total, world, layout, act_args["precision"])
-    buffers = buffer_bytes(layout, on_gpu=True, largest_param=max(counts.embedding, counts.lm_head))
-
-    def total_at(micro_batch_size: int) -> tuple[float, Activations]:
-        acts = activation_memory(micro_batch_size=micro_batch_size, **act_args)
-        return states.gpu + buffers + acts.peak, acts
-
-    total, acts = total_at(micro)
-    max_micro = 0
-    while max_micro < MAX_MICRO_BATCH and total_at(max_micro + 1)[0] <= usable:
-        max_micro += 1
-    return Fit(layout, states, buffers, acts, total, max_micro)
-
-
-def planned_architecture(job: JobConfig) -> tuple[Any, str]:
-    """The architecture the trainer would build, and where its vocabulary size came from.
-
-    pretrain resizes the vocabulary to the tokenizer (:func:`trainer.model.build_model`); that is
-    followed when the tokenizer is a local directory, else the architecture's own size is used.
-    """
-    from trainer.model import VOCAB_MULTIPLE, apply_overrides, load_architecture, round_up
-
-    config = apply_overrides(load_architecture(job.model), job.model.overrides)
-    tokenizer_dir = Path(job.tokenizer_path)
-    if job.stage == "pretrain" and tokenizer_dir.is_dir():
-        from trainer.tokenizer import load_tokenizer
-
-        config.vocab_size = round_up(len(load_tokenizer(str(tokenizer_dir))), VOCAB_MULTIPLE)
-        return config, f"tokenizer {tokenizer_dir} (rounded up to {VOCAB_MULTIPLE})"
-    return config, "the architecture config"
+def steps_shape(job: JobConfig, world: int) -> tuple[int, int]:
+    """(micro-batch, accum) for counting steps; an auto micro-batch counts its rows per rank as one."""
+    if job.train.micro_batch_size == "auto":
+        return rows_per_rank(job, world)[0], 1
+    return job.train.micro_batch_size, job.train.grad_accum
 
 
 def data_section(job: JobConfig, world: int) -> dict[str, Any]:
@@ -275,8 +80,7 @@ def data_section(job: JobConfig, world: int) -> dict[str, Any]:
                 tokenizer_dir if tokenizer_dir.is_dir() else None,
                 job.data.text_column,
                 job.data.max_seq_len,
-                job.train.micro_batch_size,
-                job.train.grad_accum,
+                *steps_shape(job, world),
                 world,
             )
     except DataError as exc:
@@ -320,14 +124,6 @@ def measured_tokens_per_s(run_dir: Path) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def resolve_attention(requested: str, precision: str) -> str:
-    """The kernel a GPU run would use: ``auto`` is flash-attention when it is installed here."""
-    if requested != "auto":
-        return requested
-    flash = precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if flash else "sdpa"
-
-
 def plan(
     job: JobConfig,
     gpus: int,
@@ -352,29 +148,29 @@ def plan(
     precision = precision or resolve_precision(job.model.dtype, on_gpu=True)
     config, vocab_source = planned_architecture(job)
     counts = param_counts(config)
+    lora = lora_counts_for(config, job.lora)
     loss = loss or (DEFAULT_LOSS if config.model_type in CHUNKED_MODEL_TYPES else "plain")
     attn = resolve_attention(job.model.attn_implementation, precision)
     usable = USABLE_FRACTION * gpu_mem_gb * GB
-    seq_len, micro = job.data.max_seq_len, job.train.micro_batch_size
-    act_args = {
-        "config": config,
-        "seq_len": seq_len,
-        "precision": precision,
-        "attn": attn,
-        "packed": job.data.pack,
-        "chunked_loss": loss == "chunked",
-    }
-    fits: dict[bool, list[Fit]] = {}
-    for checkpointing in (False, True):
-        args = {**act_args, "checkpointing": checkpointing}
-        fits[checkpointing] = [fit_layout(layout, counts, world, usable, micro, args) for layout in LAYOUTS]
-    recommendation = recommend(fits, job, micro)
-    flops = flops_per_token(config, seq_len)
+    seq_len = job.data.max_seq_len
+    auto_micro = job.train.micro_batch_size == "auto"
+    micro = 1 if auto_micro else job.train.micro_batch_size
+    rows = rows_per_rank(job, world)[0] if auto_micro else micro * job.train.grad_accum
+    fit_args = (job, config, world, usable, precision, attn, loss)
+    fits = fits_for(*fit_args, micro)
+    recommendation = recommend(fits, job, world, rows)
+    if auto_micro and recommendation is not None:  # the table at the micro-batch auto would take
+        micro = recommendation["micro_batch_size"]
+        fits = fits_for(*fit_args, micro)
+    flops = flops_per_token(config, seq_len, job.lora)
+    trainable = lora.trainable if lora is not None else counts.total
     report: dict[str, Any] = {
         "model": {
-            "config": job.model.config or job.model.name_or_path,
+            "config": job.model.name_or_path or job.model.config,
             "model_type": config.model_type,
             "parameters": counts.total,
+            "trainable_parameters": trainable,
+            "lora_adapter_parameters": lora.adapters if lora is not None else 0,
             "matmul_parameters": counts.matmul,
             "vocab_size": config.vocab_size,
             "vocab_source": vocab_source,
@@ -392,7 +188,7 @@ def plan(
             "loss": loss,
             "seq_len": seq_len,
             "micro_batch_size": micro,
-            "grad_accum": job.train.grad_accum,
+            "grad_accum": rows // micro if auto_micro else job.train.grad_accum,
             "gradient_checkpointing": job.model.gradient_checkpointing,
         },
         "layouts": {
@@ -421,6 +217,7 @@ def fit_json(fit: Fit) -> dict[str, Any]:
         "optimizer": fit.states.optimizer,
         "model_states": fit.states.gpu,
         "buffers": fit.buffers,
+        "autocast_copies": fit.autocast,
         "activations": fit.activations.saved,
         "recompute": fit.activations.recompute,
         "logits": fit.activations.logits,
@@ -431,29 +228,29 @@ def fit_json(fit: Fit) -> dict[str, Any]:
     }
 
 
-def recommend(fits: dict[bool, list[Fit]], job: JobConfig, micro: int) -> dict[str, Any] | None:
-    """The first layout, cheapest first, that runs the recipe's micro-batch; else the first that
-    runs any. The recipe's checkpointing setting is tried before turning checkpointing on.
-
-    The micro-batch is the largest that fits and divides the recipe's rows per rank per optimizer
-    step (micro x accum), so grad_accum makes up the rest and the global batch stays the same.
-    """
-    settings = [job.model.gradient_checkpointing] + ([True] if not job.model.gradient_checkpointing else [])
-    rows = micro * job.train.grad_accum
-    for need in (micro, 1):
-        for checkpointing in settings:
-            for fit in fits[checkpointing]:
-                if fit.max_micro_batch >= need:
-                    best = next(m for m in range(min(fit.max_micro_batch, rows), 0, -1) if rows % m == 0)
-                    return {
-                        "layout": fit.layout.name,
-                        **asdict(fit.layout),
-                        "gradient_checkpointing": checkpointing,
-                        "micro_batch_size": best,
-                        "grad_accum": rows // best,
-                        "max_micro_batch_size": fit.max_micro_batch,
-                    }
-    return None
+def recommend(fits: dict[bool, list[Fit]], job: JobConfig, world: int, rows: int) -> dict[str, Any] | None:
+    """What ``zero.stage: auto`` and ``train.micro_batch_size: auto`` would take
+    (:func:`trainer.planner.choose`): the fastest layout that fits a useful micro-batch, without
+    checkpointing before with it, and the largest micro-batch that fits and divides the recipe's
+    ``rows`` per rank per step, so grad_accum makes up the rest and the global batch stays."""
+    auto = JobConfig.from_dict({**job.to_dict(), "zero": {"stage": "auto"}})
+    names = {layout.name for layout in candidate_layouts(auto, world)}
+    candidates = {ckpt: [fit for fit in rows_ if fit.layout.name in names] for ckpt, rows_ in fits.items()}
+    ckpt = job.model.gradient_checkpointing
+    options = [False, True] if ckpt == "auto" else [ckpt] + ([True] if not ckpt else [])
+    choice = choose(candidates, rows, job.data.max_seq_len, None, options, job.train.grad_accum)
+    if choice is None:
+        return None
+    fit = next(f for f in fits[choice.gradient_checkpointing] if f.layout == choice.layout)
+    return {
+        "layout": choice.layout.name,
+        **asdict(choice.layout),
+        "gradient_checkpointing": choice.gradient_checkpointing,
+        "micro_batch_size": choice.micro_batch_size,
+        "grad_accum": choice.grad_accum,
+        "max_micro_batch_size": fit.max_micro_batch,
+        "reason": choice.reason,
+    }
 
 
 def time_section(
@@ -467,7 +264,10 @@ def time_section(
     out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "source": source}
     if tokens_per_s is None:
         return out
-    tokens_per_step = job.train.micro_batch_size * job.train.grad_accum * world * job.data.max_seq_len
+    rows = rows_per_rank(job, world)[0] if job.train.micro_batch_size == "auto" else (
+        job.train.micro_batch_size * job.train.grad_accum
+    )
+    tokens_per_step = rows * world * job.data.max_seq_len
     if job.train.max_steps is not None:
         steps = job.train.max_steps
     elif data.get("available"):
@@ -497,7 +297,8 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     model, setup = report["model"], report["setup"]
     console.print(
-        f"[bold]{model['config']}[/bold] ({model['model_type']}): {model['parameters'] / 1e9:.3f}B parameters, "
+        f"[bold]{model['config']}[/bold] ({model['model_type']}): {model['parameters'] / 1e9:.3f}B parameters "
+        f"({model['parameters']:,}; {model['trainable_parameters']:,} trained), "
         f"vocab {model['vocab_size']:,} (from {model['vocab_source']}), "
         f"{model['flops_per_token'] / 1e9:.2f} GFLOP per token at length {setup['seq_len']}"
     )
@@ -513,9 +314,9 @@ def print_report(report: dict[str, Any]) -> None:
             title=f"GB per GPU at micro-batch {setup['micro_batch_size']}, {label} gradient checkpointing",
             caption="columns: ZeRO stage, +oo optimizer offloaded, +op parameters offloaded; total = "
             + (
-                "states + buffers + activations + max(final norm + logits, recompute)"
+                "states + buffers + 16-bit copies + activations + max(final norm + logits, recompute)"
                 if key == "checkpointing"
-                else "states + buffers + activations + final norm + logits"
+                else "states + buffers + 16-bit copies + activations + final norm + logits"
             ),
         )
         table.add_column("")
@@ -526,6 +327,7 @@ def print_report(report: dict[str, Any]) -> None:
             ("gradients", "gradients"),
             ("optimizer", "optimizer"),
             ("buffers", "buffers ~"),
+            ("autocast_copies", "16-bit copies"),
             ("activations", "activations"),
             ("recompute", "recompute"),
             ("logits", "logits/loss"),

@@ -44,7 +44,11 @@ class ModelConfig(ConfigBase):
         "Attention kernel; auto = flash_attention_2 when usable (CUDA, bf16/fp16), else sdpa. "
         "Every choice keeps packed documents apart.",
     )
-    gradient_checkpointing: bool = opt(True, "Recompute activations in backward (non-reentrant).")
+    gradient_checkpointing: bool | Literal["auto"] = opt(
+        True,
+        "Recompute activations in backward (non-reentrant); auto = only when the planner needs it to fit "
+        "(trainer/planner.py).",
+    )
     trust_remote_code: bool = opt(
         False,
         "Run Python code shipped with the weights/tokenizer (custom architectures); only for sources you trust.",
@@ -139,8 +143,17 @@ class ScheduleConfig(ConfigBase):
 class TrainConfig(ConfigBase):
     """How long to train and how often to log, evaluate and save (all in optimizer steps)."""
 
-    micro_batch_size: int = opt(16, "Sequences per rank per forward pass.")
-    grad_accum: int = opt(8, "Micro-batches per optimizer step on each rank.")
+    micro_batch_size: int | Literal["auto"] = opt(
+        16,
+        "Sequences per rank per forward pass; auto = the largest that fits the GPU by dstrain's memory "
+        "estimate and divides the batch per rank (grad_accum is then derived from global_batch_size).",
+    )
+    grad_accum: int = opt(8, "Micro-batches per optimizer step on each rank (derived when micro_batch_size is auto).")
+    global_batch_size: int | None = opt(
+        None,
+        "Sequences per optimizer step over all ranks, kept by micro_batch_size auto (each rank takes "
+        "global / world, rounded); ignored when micro_batch_size is a number.",
+    )
     epochs: int = opt(1, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides epochs).")
     log_every: int = opt(50, "Log train metrics every N optimizer steps.")
@@ -158,7 +171,17 @@ class TrainConfig(ConfigBase):
     )
 
     def __post_init__(self) -> None:
-        for key in ("micro_batch_size", "grad_accum", "epochs", "log_every"):
+        if self.micro_batch_size == "auto":
+            if self.global_batch_size is None:
+                raise ConfigError(
+                    "--train.micro_batch_size auto needs --train.global_batch_size (sequences per optimizer "
+                    "step over all ranks), which the planner keeps while it sizes the micro-batch"
+                )
+        elif self.micro_batch_size < 1:
+            raise ConfigError(f"--train.micro_batch_size must be >= 1 or auto, got {self.micro_batch_size}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"--train.global_batch_size must be >= 1 or null, got {self.global_batch_size}")
+        for key in ("grad_accum", "epochs", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "save_every", "keep_last", "max_bad_steps"):
@@ -174,13 +197,19 @@ class TrainConfig(ConfigBase):
 class ZeroConfig(ConfigBase):
     """DeepSpeed ZeRO partitioning and offload."""
 
-    stage: int = opt(2, "ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+gradients), 3 (+parameters).")
+    stage: int | Literal["auto"] = opt(
+        2,
+        "ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+gradients), 3 (+parameters); auto = the fastest that fits "
+        "the GPUs present by dstrain's memory estimate, offload included (trainer/planner.py).",
+    )
     offload_optimizer: bool = opt(False, "Keep optimizer state on the CPU and step with CPU Adam.")
     offload_params: bool = opt(False, "Keep parameters on the CPU (ZeRO-3 only).")
 
     def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero.stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.stage not in (0, 1, 2, 3, "auto"):
+            raise ConfigError(f"--zero.stage must be 0, 1, 2, 3 or auto, got {self.stage}")
+        if self.stage == "auto":
+            return  # the planner chooses the offload flags with the stage
         if self.offload_params and self.stage != 3:
             raise ConfigError("--zero.offload_params needs --zero.stage 3")
         if self.offload_optimizer and self.stage == 0:

@@ -593,6 +593,10 @@ def check_zero(job: JobConfig, dist: DistInfo, precision: str | None) -> Finding
         optimizer = "torch AdamW"
     facts = {"stage": zero.stage, "offload": offload, "optimizer": optimizer}
     detail = f"ZeRO-{zero.stage}, offload {' + '.join(offload) or 'none'}, {optimizer}"
+    if "auto" in (zero.stage, job.train.micro_batch_size):
+        # The ranks choose at start, for the GPUs they find (trainer/planner.py).
+        detail = f"zero.stage {zero.stage}, micro-batch {job.train.micro_batch_size}: chosen at start ({optimizer})"
+        return Finding("zero", "ok", detail, facts=facts)
     try:
         # The precision only shapes the fp16/bf16 blocks; fp32 stands in when it does not resolve.
         build_ds_config(job, precision or "fp32", on_gpu(dist))  # type: ignore[arg-type]

@@ -14,6 +14,10 @@
   attend only within themselves, so figures compare across codebases.
 - Model FLOPs, not hardware FLOPs: recomputation (gradient checkpointing) does not count, so MFU
   does not improve by recomputing more.
+- LoRA (a frozen base): a frozen weight takes no weight gradient, so it costs 2 (forward) + 2
+  (input gradient) = 4 FLOPs per token, and each adapter weight the full 6:
+  ``4 * N_matmul + 6 * N_adapter + 12 L H Q T`` (+ 2 per weight of a matmul in
+  ``modules_to_save``, e.g. a trained ``lm_head``). :func:`lora_counts` counts the adapters.
 
 MFU = flops_per_token * tokens/s / (world_size * peak). The peak is the device's *dense* bf16
 tensor-core figure (never the 2x "with sparsity" one); unknown devices and CPUs have none, and MFU
@@ -125,11 +129,92 @@ def param_counts(config: Any) -> ParamCounts:
     )
 
 
-def flops_per_token(config: Any, seq_len: int) -> float:
-    """Training FLOPs per token, 6 * N_matmul + 12 * L * H * Q * T (see the module docstring)."""
+# The linear layers of a Llama-family decoder layer, (in, out) as functions of the config.
+def _linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    hidden, inter = int(_get(config, "hidden_size")), int(_get(config, "intermediate_size"))
+    heads = int(_get(config, "num_attention_heads"))
+    kv_heads = int(_get(config, "num_key_value_heads") or 0) or heads
+    dim = head_dim(config)
+    return {
+        "q_proj": (hidden, heads * dim),
+        "k_proj": (hidden, kv_heads * dim),
+        "v_proj": (hidden, kv_heads * dim),
+        "o_proj": (heads * dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+@dataclass(frozen=True)
+class LoraCounts:
+    """What LoRA trains: adapter weights and full copies of ``modules_to_save`` (element counts)."""
+
+    adapters: int
+    saved_modules: int
+    saved_matmul: int  # the part of saved_modules that is a matmul (a trained lm_head)
+
+    @property
+    def trainable(self) -> int:
+        return self.adapters + self.saved_modules
+
+
+def lora_counts(config: Any, r: int, target_modules: str | list[str], modules_to_save: list[str] = ()) -> LoraCounts:
+    """peft's trainable parameters for LoRA rank ``r`` on ``target_modules`` of a Llama-family decoder.
+
+    An adapted linear ``in -> out`` gains A (r x in) and B (out x r): r (in + out). ``all-linear``
+    is every layer's projection (peft leaves the output head out); ``lm_head`` and
+    ``embed_tokens`` may be named too. ``modules_to_save`` trains a full copy of each module named.
+    """
+    param_counts(config)  # the same architecture check
+    shapes = _linear_shapes(config)
+    hidden, vocab = int(_get(config, "hidden_size")), int(_get(config, "vocab_size"))
+    layers = int(_get(config, "num_hidden_layers"))
+    names = list(shapes) if target_modules == "all-linear" else list(target_modules)
+    adapters = 0
+    for name in names:
+        short = name.rsplit(".", 1)[-1]
+        if short in shapes:
+            adapters += layers * r * sum(shapes[short])
+        elif short in ("lm_head", "embed_tokens"):
+            adapters += r * (vocab + hidden)
+        else:
+            raise ConfigError(
+                f"--lora.target_modules: {name!r} is not a linear layer of a {_get(config, 'model_type')} "
+                f"decoder ({', '.join(shapes)}, lm_head, embed_tokens, or all-linear)"
+            )
+    saved = saved_matmul = 0
+    for name in modules_to_save:
+        short = name.rsplit(".", 1)[-1]
+        if short in ("lm_head", "embed_tokens"):
+            saved += vocab * hidden
+            saved_matmul += vocab * hidden if short == "lm_head" else 0
+        elif short == "norm":
+            saved += hidden
+        else:
+            raise ConfigError(
+                f"--lora.modules_to_save: {name!r}: the planner counts lm_head, embed_tokens and norm"
+            )
+    return LoraCounts(adapters, saved, saved_matmul)
+
+
+def lora_counts_for(config: Any, lora: Any) -> LoraCounts | None:
+    """:func:`lora_counts` for a ``LoraConfig`` section; None when LoRA is off (or not given)."""
+    if lora is None or not getattr(lora, "enabled", False):
+        return None
+    return lora_counts(config, lora.r, lora.target_modules, list(lora.modules_to_save))
+
+
+def flops_per_token(config: Any, seq_len: int, lora: Any = None) -> float:
+    """Training FLOPs per token (see the module docstring): 6 * N_matmul + 12 * L * H * Q * T, or,
+    for a frozen base with LoRA (``lora``: the job's ``LoraConfig`` with ``enabled``),
+    4 * N_matmul + 6 * N_adapter (+ 2 per trained matmul weight in modules_to_save) + 12 L H Q T."""
     counts = param_counts(config)
     attention = 12 * counts.num_layers * int(_get(config, "num_attention_heads")) * head_dim(config) * seq_len
-    return float(6 * counts.matmul + attention)
+    adapters = lora_counts_for(config, lora)
+    if adapters is None:
+        return float(6 * counts.matmul + attention)
+    return float(4 * counts.matmul + 6 * adapters.adapters + 2 * adapters.saved_matmul + attention)
 
 
 def peak_tflops_for(device_name: str) -> float | None:

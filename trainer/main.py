@@ -70,6 +70,7 @@ def run(
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
+    from trainer.planner import plan_for_ranks
     from trainer.signals import PREEMPTED_EXIT_CODE
     from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
@@ -78,8 +79,10 @@ def run(
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     out = Path(job.output_dir)
     resume_path = ckpt.resolve_resume(resume, job.output_dir, dist)
+    saved = ckpt.saved_config(resume_path) if resume_path is not None else None
+    job = plan_for_ranks(job, dist, precision, saved)  # zero.stage, micro-batch, workers: auto
     if resume_path is not None:  # fail fast on an architecture change, before building anything
-        ckpt.check_resume_config(ckpt.saved_config(resume_path), job)
+        ckpt.check_resume_config(saved, job)
     tokenizer = load_tokenizer(job.tokenizer_path, job.model.trust_remote_code)
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
     check_same_run(

@@ -366,7 +366,7 @@ def callbacks_for(
     from trainer.flops import device_peak_tflops, flops_per_token
 
     try:
-        flops = flops_per_token(model_config, job.data.max_seq_len) if model_config is not None else None
+        flops = flops_per_token(model_config, job.data.max_seq_len, job.lora) if model_config is not None else None
     except ConfigError:  # an architecture the FLOPs count does not know: MFU stays null
         flops = None
     peak = (

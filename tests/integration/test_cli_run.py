@@ -147,3 +147,41 @@ def test_outputs_people_use(run_dir):
     assert torch.isfinite(model(input_ids=ids).logits).all()
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_24" and (ckpts / "step_24" / "COMPLETE").is_file()
+
+
+def test_auto_settings_are_chosen_logged_and_recorded_on_cpu(tmp_path, tiny_tokenizer_dir, tiny_corpus):
+    """`dstrain run` with zero.stage, micro-batch, checkpointing and workers all auto, on one CPU
+    rank: the ranks take the CPU's fixed choice, log it with its reason and write it to run.yaml;
+    a resume keeps it."""
+    recipe = {
+        "stage": "pretrain",
+        "output_dir": str(tmp_path / "run"),
+        "tokenizer": str(tiny_tokenizer_dir),
+        "model": {"overrides": dict(TINY_OVERRIDES), "gradient_checkpointing": "auto"},
+        "data": {"train": [str(tiny_corpus)], "max_seq_len": 64, "buffer_size": 64, "num_workers": "auto"},
+        "train": {"micro_batch_size": "auto", "global_batch_size": 4, "max_steps": 2, "eval_every": 0},
+        "zero": {"stage": "auto"},
+        "log": {"plot": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    dstrain = Path(sys.executable).parent / "dstrain"
+    proc = run_group([str(dstrain), "run", str(path), "--gpus", "1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = proc.stdout + proc.stderr + (tmp_path / "run" / "train.log").read_text()
+    assert "planner: zero.stage 0" in text and "CPU ranks take a fixed choice" in text, text[-3000:]
+    assert "data.num_workers auto -> 1" in text
+    saved = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
+    assert saved["zero"]["stage"] == 0
+    assert (saved["train"]["micro_batch_size"], saved["train"]["grad_accum"]) == (4, 1)
+    assert saved["model"]["gradient_checkpointing"] is False and saved["data"]["num_workers"] == 1
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    # a resume keeps the checkpoint's choice (and says so) rather than planning anew
+    proc = run_group(
+        [str(dstrain), "run", str(path), "--gpus", "1", "--resume", "--train.max_steps", "3"], cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = proc.stdout + proc.stderr + (tmp_path / "run" / "train.log").read_text()
+    assert "planner: kept the checkpoint's choice (zero.stage 0, micro-batch 4 x accum 1" in text, text[
+        -3000:
+    ]

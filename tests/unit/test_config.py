@@ -53,7 +53,7 @@ def test_typo_names_the_closest_key():
         (["--train.micro_batch_size", "0"], r"--train\.micro_batch_size must be >= 1"),
         (["--optim.lr", "fast"], r"--optim\.lr must be a number"),
         (["--schedule.name", "cosin"], r"--schedule\.name must be one of .*did you mean cosine"),
-        (["--zero.stage", "4"], r"--zero\.stage must be 0, 1, 2 or 3"),
+        (["--zero.stage", "4"], r"--zero\.stage must be 0, 1, 2, 3 or auto"),
         (["--zero.offload_params", "true"], r"offload_params needs --zero\.stage 3"),
         (["--data.validation_fraction", "1.5"], r"--data\.validation_fraction must be in"),
         (["--optim.betas", "[0.9]"], r"--optim\.betas must be two numbers"),

@@ -95,3 +95,59 @@ def test_peak_is_none_on_cpu_unless_configured():
 def test_unknown_architecture_is_a_config_error():
     with pytest.raises(ConfigError, match="gpt2"):
         param_counts({**SMALL, "model_type": "gpt2"})
+
+
+def _tiny_model(model_type: str = "qwen2", **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {k: v for k, v in SMALL.items() if k not in ("model_type", "tie_word_embeddings")}
+    config = AutoConfig.for_model(model_type, **{**shape, "num_hidden_layers": 4, **extra})
+    torch.manual_seed(0)
+    # eager: its attention matmuls are visible to the counter (CPU SDPA kernels are not)
+    return config, AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize(
+    "target, save",
+    [(["q_proj", "v_proj"], []), ("all-linear", []), (["k_proj", "down_proj"], ["lm_head"])],
+    ids=["qv", "all-linear", "kdown+head"],
+)
+def test_lora_trainable_count_matches_peft(target, save):
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.flops import lora_counts
+
+    config, model = _tiny_model(tie_word_embeddings=False)
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=target, modules_to_save=save or None)
+    )
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_counts(config, 8, target, save).trainable == trainable
+
+
+def _measured_flops(model, seq_len: int) -> int:
+    """FLOPs torch actually runs for one forward + backward (matmuls and SDPA), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, 256, (2, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return counter.get_total_flops() // (2 * seq_len)
+
+
+def test_flops_per_token_is_what_torch_counts_for_full_and_lora_training():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    config, model = _tiny_model(tie_word_embeddings=False)
+    measured_full = _measured_flops(model, 32)
+    assert flops_per_token(config, 32) == pytest.approx(measured_full, rel=0.01)
+
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"]))
+    measured_lora = _measured_flops(peft_model, 32)
+    lora = SimpleNamespace(enabled=True, r=8, target_modules=["q_proj", "v_proj"], modules_to_save=[])
+    # Layer 0's k projection takes no input gradient (its input, the frozen embedding, needs none):
+    # the count is an upper bound within a few percent. The 6N count is a third too high.
+    assert flops_per_token(config, 32, lora) == pytest.approx(measured_lora, rel=0.05)
+    assert flops_per_token(config, 32) > 1.3 * measured_lora

@@ -108,7 +108,11 @@ class DataConfig(ConfigBase):
         "Shuffle block, in chunks (documents cut into pieces of at most max_seq_len tokens): memory "
         "is bounded by buffer_size * max_seq_len tokens per worker; a resume re-reads one block.",
     )
-    num_workers: int = opt(1, "Dataloader worker processes per rank (0 = load in the training process).")
+    num_workers: int | Literal["auto"] = opt(
+        1,
+        "Dataloader worker processes per rank (0 = load in the training process); auto = "
+        "min(4, cores per node // ranks per node - 1), at least 1.",
+    )
     max_samples: int | None = opt(
         None,
         "Use only the first N rows (documents) of data.train in file order, before the "
@@ -127,7 +131,7 @@ class DataConfig(ConfigBase):
             raise ConfigError(f"--data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.buffer_size < 1:
             raise ConfigError(f"--data.buffer_size must be >= 1, got {self.buffer_size}")
-        if self.num_workers < 0:
+        if self.num_workers != "auto" and self.num_workers < 0:
             raise ConfigError(f"--data.num_workers must be >= 0, got {self.num_workers}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"--data.max_samples must be >= 1 or null, got {self.max_samples}")

@@ -120,7 +120,10 @@ def model_states(
     trainable = psi if trainable is None else trainable
     frozen = psi - trainable
     n = world
-    weights = (4 * trainable + (4 if precision == "fp32" else 2) * frozen) / (n if layout.stage >= 3 else 1)
+    # A frozen base loads in the run's 16-bit dtype, except under ZeRO-3, whose zero.Init casts
+    # every parameter to fp32 as it partitions (trainer.model.frozen_base_dtype).
+    frozen_bytes = 4 if precision == "fp32" or layout.stage >= 3 else 2
+    weights = (4 * trainable + frozen_bytes * frozen) / (n if layout.stage >= 3 else 1)
     gradients = 4 * trainable / (n if layout.stage >= 2 else 1)
     master = 4 * trainable / n if layout.stage >= 1 else 0.0
     adam = 8 * trainable / (n if layout.stage >= 1 else 1)

@@ -154,7 +154,9 @@ def file_records(
     merged: dict[str, list[int]] = {}
     for part in all_gather_objects(written or {}, dist, "the checkpoint manifest"):
         for name, (size, crc) in part.items():
-            merged[str(Path(name).relative_to(path))] = [size, crc]
+            rel = os.path.relpath(os.path.abspath(name), os.path.abspath(path))
+            if not rel.startswith(".."):  # else it is read back below, like the small files
+                merged[rel] = [size, crc]
     rest = [f for f in checkpoint_files(path) if str(f.relative_to(path)) not in merged]
     mine = {
         str(f.relative_to(path)): [f.stat().st_size, _crc32(f)] for f in rest[dist.rank :: dist.world_size]
@@ -424,8 +426,8 @@ def base_dir(name_or_path: str | None) -> Path | None:
 
 
 def _sampled_digest(f: Path, h: Any) -> None:
-    """Feed ``h`` with the file's size, head, tail and evenly spaced 64 KiB samples (the whole
-    file when it is small): a different checkpoint of the same shape differs in nearly every
+    """Feed ``h`` with the file's name, size and 16 evenly spaced 64 KiB samples, head and tail
+    included (the whole file when it is small): a different checkpoint of the same shape differs in nearly every
     weight, so every sample tells them apart; a few MB read instead of the whole file."""
     size = f.stat().st_size
     h.update(f"{f.name}:{size}:".encode())
@@ -433,8 +435,8 @@ def _sampled_digest(f: Path, h: Any) -> None:
         if size <= 2 * SAMPLE_BYTES * SAMPLES_PER_FILE:
             h.update(fh.read())
             return
-        step = (size - SAMPLE_BYTES) // (SAMPLES_PER_FILE - 1)
-        for offset in [0, *range(step, size - SAMPLE_BYTES, step), size - SAMPLE_BYTES]:
+        last = size - SAMPLE_BYTES
+        for offset in sorted({last * i // (SAMPLES_PER_FILE - 1) for i in range(SAMPLES_PER_FILE)}):
             fh.seek(offset)
             h.update(fh.read(SAMPLE_BYTES))
 

@@ -200,6 +200,17 @@ def test_the_base_fingerprint_tells_another_checkpoint_of_the_same_shape_apart(t
     a, b = base_fingerprint(str(tmp_path / "a")), base_fingerprint(str(tmp_path / "b"))
     assert a == base_fingerprint(str(tmp_path / "copy")) and a != b
     assert base_fingerprint(None) is None and base_fingerprint("no-such-org/no-such-model") is None
+    # A weight file too big to hash whole is sampled: a changed stretch longer than the gap
+    # between two samples (a fifteenth of the file) shows.
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text("{}")
+    weights = bytearray(random.Random(0).randbytes(5 << 20))
+    (big / "model.safetensors").write_bytes(weights)
+    before = base_fingerprint(str(big))
+    weights[(3 << 20) : (3 << 20) + (256 << 10)] = random.Random(1).randbytes(256 << 10)
+    (big / "model.safetensors").write_bytes(weights)
+    assert base_fingerprint(str(big)) != before
 
 
 def test_the_manifest_takes_checksums_made_while_writing_and_reads_only_the_rest(tmp_path):

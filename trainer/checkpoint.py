@@ -283,21 +283,41 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_zero_stage(path: Path, zero_stage: int) -> None:
+    """An error, before anything is built, for a ``zero.stage`` change DeepSpeed cannot load.
+
+    ZeRO-0 keeps the optimizer state whole, which DeepSpeed cannot re-shard. ZeRO-3 names its
+    model-state files per rank (``zero_pp_rank_R_mp_rank_00_model_states.pt``) where ZeRO-1/2
+    write one ``mp_rank_00_model_states.pt``, and DeepSpeed 0.19.8's universal load looks for
+    the file names of the stage it loads into (tried: 2 -> 3 fails in ``load_checkpoint``), so
+    the ZeRO-3 boundary is not crossed either. Between 1 and 2, and to any world size within a
+    stage, the universal format carries it (:func:`needs_universal`)."""
+    saved_stage = int(read_meta(path)["zero_stage"])
+    if saved_stage == zero_stage:
+        return
+    if saved_stage == 0 or zero_stage == 0 or 3 in (saved_stage, zero_stage):
+        why = (
+            "DeepSpeed cannot re-shard a ZeRO-0 optimizer state"
+            if 0 in (saved_stage, zero_stage)
+            else "DeepSpeed's universal format (dstrain ckpt to-universal) converts across world "
+            "sizes and between ZeRO 1 and 2, not across ZeRO-3's per-rank files"
+        )
+        raise CheckpointError(
+            f"{path} was saved with zero.stage {saved_stage} and this run uses {zero_stage}: {why}; "
+            f"resume with --zero.stage {saved_stage}, or export the weights (dstrain export) and "
+            "start a cpt run from them"
+        )
+
+
 def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
     """Whether loading ``path`` into this run needs DeepSpeed's universal format: ZeRO-1/2/3
     shards are laid out for one world size and stage. A ZeRO-0 checkpoint holds the whole model
-    and optimizer in one file that any world size loads as it is (but not a sharded optimizer)."""
+    and optimizer in one file that any world size loads as it is. A stage change that cannot be
+    loaded at all is an error (:func:`check_zero_stage`)."""
+    check_zero_stage(path, zero_stage)
     meta = read_meta(path)
     saved_world, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
-    if saved_stage == 0:
-        if zero_stage != 0:
-            raise CheckpointError(
-                f"{path} was saved with zero.stage 0 and this run uses {zero_stage}: DeepSpeed cannot "
-                "re-shard a ZeRO-0 optimizer state; resume with --zero.stage 0, or export the weights "
-                "(dstrain export) and start a cpt run from them"
-            )
-        return False
-    return saved_world != world_size or saved_stage != zero_stage
+    return saved_stage != 0 and (saved_world != world_size or saved_stage != zero_stage)
 
 
 def saved_config(path: Path) -> JobConfig:
@@ -484,9 +504,11 @@ def check_base(path: Path, job: JobConfig) -> bool:
 
 
 def check_resume(path: Path, job: JobConfig) -> bool:
-    """Everything a resume checks before anything is built: the config (:func:`check_resume_config`)
-    and, for LoRA, the base (:func:`check_base`, whose return value this passes on)."""
+    """Everything a resume checks before anything is built: the config (:func:`check_resume_config`),
+    the ZeRO stage (:func:`check_zero_stage`) and, for LoRA, the base (:func:`check_base`, whose
+    return value this passes on)."""
     check_resume_config(saved_config(path), job)
+    check_zero_stage(path, job.zero.stage)
     return check_base(path, job)
 
 

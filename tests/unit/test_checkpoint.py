@@ -263,3 +263,21 @@ def test_a_save_failure_is_a_full_disk_only_when_the_disk_is_full(tmp_path):
         text = str(checkpointer._save_error(10, path, exc))
         assert "free" not in text and "step_5 is intact" in text and "\n" not in text, (name, text)
     assert "lost contact with the other ranks" in str(checkpointer._save_error(10, path, cases["peer"]))
+
+
+@pytest.mark.parametrize("saved, now", [(3, 1), (2, 3), (0, 2), (1, 0)])
+def test_a_zero_stage_change_deepspeed_cannot_load_is_one_line(tmp_path, saved, now):
+    from trainer.checkpoint import STATE_VERSION, check_zero_stage, needs_universal
+
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"version": STATE_VERSION, "world_size": 2, "zero_stage": saved})
+    )
+    with pytest.raises(
+        CheckpointError, match=f"saved with zero.stage {saved} and this run uses {now}"
+    ) as info:
+        check_zero_stage(tmp_path, now)
+    assert f"resume with --zero.stage {saved}" in str(info.value) and "\n" not in str(info.value)
+    if saved in (1, 2):
+        assert needs_universal(tmp_path, world_size=2, zero_stage=3 - saved) is True  # 1 <-> 2
+    assert needs_universal(tmp_path, world_size=2, zero_stage=saved) is False
+    assert needs_universal(tmp_path, world_size=3, zero_stage=saved) is (saved != 0)

@@ -107,27 +107,40 @@ def _crc32(path: Path) -> int:
 class _ChecksummingWriter:
     """A file that checksums what passes through it: torch.save writes its zip front to back
     through ``write`` (no seeks), so the crc32 of the bytes written is the file's, without
-    reading it back. A full disk surfaces as the OSError (ENOSPC) that ``write`` raised, not as
-    torch's errno-less RuntimeError of a save to a path."""
+    reading it back. A full disk surfaces as the OSError (ENOSPC) that ``write`` raised (see
+    :func:`save_with_crc`), not as torch's errno-less RuntimeError."""
 
     def __init__(self, f: Any) -> None:
         self.f, self.crc, self.size = f, 0, 0
+        self.error: OSError | None = None  # torch turns it into an errno-less RuntimeError
 
     def write(self, data: Any) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        self.size += memoryview(data).nbytes
-        return self.f.write(data)
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += view.nbytes
+        done = 0
+        try:
+            while done < view.nbytes:  # an unbuffered write may be short; a full disk then raises
+                done += self.f.write(view[done:])
+        except OSError as exc:
+            self.error = exc
+            raise
+        return view.nbytes
 
     def flush(self) -> None:
-        self.f.flush()
+        pass  # unbuffered
 
 
 def save_with_crc(obj: Any, path: str | Path) -> tuple[int, int]:
     """``torch.save(obj, path)``, fsynced; returns the file's (size, crc32)."""
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         writer = _ChecksummingWriter(f)
-        torch.save(obj, writer)
-        f.flush()
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         os.fsync(f.fileno())
     return writer.size, writer.crc
 

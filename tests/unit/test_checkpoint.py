@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -281,3 +282,35 @@ def test_a_zero_stage_change_deepspeed_cannot_load_is_one_line(tmp_path, saved, 
         assert needs_universal(tmp_path, world_size=2, zero_stage=3 - saved) is True  # 1 <-> 2
     assert needs_universal(tmp_path, world_size=2, zero_stage=saved) is False
     assert needs_universal(tmp_path, world_size=3, zero_stage=saved) is (saved != 0)
+
+
+def test_a_full_disk_in_the_middle_of_a_save_is_an_enospc_oserror(tmp_path, monkeypatch):
+    """torch.save turns a failed write after the first one into a RuntimeError without errno;
+    the checksumming writer keeps the OSError, so the save can say "full disk" only then."""
+    import errno
+
+    from trainer.checkpoint import save_with_crc
+
+    class FillsUp:
+        """A file that takes 100 bytes, then reports a full disk (as a small tmpfs does)."""
+
+        def __init__(self):
+            self.room = 100
+
+        def write(self, data):
+            if self.room <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n = min(self.room, len(data))
+            self.room -= n
+            return n
+
+        def fileno(self):
+            raise AssertionError("never reached: the save fails first")
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: contextlib.nullcontext(FillsUp()))
+    with pytest.raises(OSError) as info:
+        save_with_crc({"w": torch.zeros(1000)}, tmp_path / "x.pt")
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC

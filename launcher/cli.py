@@ -152,6 +152,13 @@ def run_topology(args: argparse.Namespace, hardware: Hardware) -> tuple[int, int
     return nodes, gpus, nodes * gpus
 
 
+def checkpoint_flags(args: argparse.Namespace) -> list[str]:
+    """The resume's checkpoint options, for the trainer (the last arguments of every launch
+    command, whichever launcher starts it)."""
+    flags = ["--trust-checkpoint"] if args.trust_checkpoint else []
+    return flags + (["--verify-checkpoint", "full"] if args.verify_checkpoint == "full" else [])
+
+
 def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
     """``dstrain run``: resolve, write the run files, print this node's command and become it.
 
@@ -202,13 +209,13 @@ def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
             f"{', '.join(env)} the same way on every node",
             file=sys.stderr,
         )
-    cmd = build_launch_command(plan)
+    cmd = build_launch_command(plan) + checkpoint_flags(args)
     if args.dry_run and plan.launcher == "local" and nodes > 1:
         shared = Path(cfg.output_dir).resolve() / "run.yaml"
         for k in range(nodes):
             node_yaml = shared if k == 0 else node_local_config(cfg.to_yaml())
             print(f"# node {k} of {nodes}")
-            print(shlex.join(spawn_command(plan, node_rank=k, run_yaml=node_yaml)))
+            print(shlex.join(spawn_command(plan, node_rank=k, run_yaml=node_yaml) + checkpoint_flags(args)))
         return 0
     prefix = f"DS_ENV_FILE={shlex.quote(launch_env['DS_ENV_FILE'])} " if plan.launcher == "pdsh" else ""
     print(prefix + shlex.join(cmd), flush=True)
@@ -377,6 +384,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="PATH|auto",
         help="Bare: the newest complete checkpoint in output_dir (an error if there is none). "
         "auto: resume if one exists, else start fresh. PATH: that checkpoint dir.",
+    )
+    run.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="With --resume: load the checkpoint's pickles without checking what they import "
+        "(only for checkpoints you wrote yourself: DeepSpeed unpickles its files with weights_only=False).",
+    )
+    run.add_argument(
+        "--verify-checkpoint",
+        choices=("size", "full"),
+        default="size",
+        help="With --resume: check each file's size against the manifest (size), or its crc32 too, "
+        "reading every byte (full; done anyway after a failed load).",
     )
     run.add_argument(
         "--master-port",

@@ -19,16 +19,19 @@ engine (DeepSpeed writes its own files, collectively), shared parts and per-rank
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +51,8 @@ from trainer.ckpt_layout import (
     step_of,
 )
 from trainer.config import JobConfig, build_config
-from trainer.dist import DistInfo, all_gather_objects, barrier
-from trainer.errors import CheckpointError
+from trainer.dist import DistInfo, all_gather_objects, barrier, collective
+from trainer.errors import CheckpointError, DistError
 from trainer.faults import fault
 from trainer.state import RankStateful, RankStates, Stateful
 
@@ -101,6 +104,47 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+class _ChecksummingWriter:
+    """A file that checksums what passes through it: torch.save writes its zip front to back
+    through ``write`` (no seeks), so the crc32 of the bytes written is the file's, without
+    reading it back. A full disk surfaces as the OSError (ENOSPC) that ``write`` raised (see
+    :func:`save_with_crc`), not as torch's errno-less RuntimeError."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.crc, self.size = f, 0, 0
+        self.error: OSError | None = None  # torch turns it into an errno-less RuntimeError
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += view.nbytes
+        done = 0
+        try:
+            while done < view.nbytes:  # an unbuffered write may be short; a full disk then raises
+                done += self.f.write(view[done:])
+        except OSError as exc:
+            self.error = exc
+            raise
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+
+def save_with_crc(obj: Any, path: str | Path) -> tuple[int, int]:
+    """``torch.save(obj, path)``, fsynced; returns the file's (size, crc32)."""
+    with open(path, "wb", buffering=0) as f:
+        writer = _ChecksummingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+        os.fsync(f.fileno())
+    return writer.size, writer.crc
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The files a save wrote (what its manifest covers), sorted; not the markers, nor a
     universal conversion made later inside it."""
@@ -112,20 +156,36 @@ def checkpoint_files(path: Path) -> list[Path]:
     )
 
 
-def file_records(path: Path, dist: DistInfo) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32]}`` of every file of ``path``, each rank hashing a share
-    (collective; on a shared filesystem the ranks read in parallel)."""
-    files = checkpoint_files(path)[dist.rank :: dist.world_size]
-    mine = {str(f.relative_to(path)): [f.stat().st_size, _crc32(f)] for f in files}
+def file_records(
+    path: Path, dist: DistInfo, written: dict[str, tuple[int, int]] | None = None
+) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every file of ``path`` (collective).
+
+    ``written``: this rank's files checksummed as they were written (absolute path -> size,
+    crc32); only the files no rank checksummed that way (the small ones: JSON, YAML, the
+    tokenizer) are read back, each rank reading a share."""
     merged: dict[str, list[int]] = {}
-    for part in all_gather_objects(mine, dist):
+    for part in all_gather_objects(written or {}, dist, "the checkpoint manifest"):
+        for name, (size, crc) in part.items():
+            rel = os.path.relpath(os.path.abspath(name), os.path.abspath(path))
+            if not rel.startswith(".."):  # else it is read back below, like the small files
+                merged[rel] = [size, crc]
+    rest = [f for f in checkpoint_files(path) if str(f.relative_to(path)) not in merged]
+    mine = {
+        str(f.relative_to(path)): [f.stat().st_size, _crc32(f)] for f in rest[dist.rank :: dist.world_size]
+    }
+    for part in all_gather_objects(mine, dist, "the checkpoint manifest"):
         merged.update(part)
     return merged
 
 
-def verify(path: Path, dist: DistInfo = ONE_PROCESS) -> str | None:
-    """The first problem with ``path``'s files against its manifest (a missing, truncated or
-    corrupted file), or None when every file is as it was saved. Collective when distributed."""
+def verify(path: Path, dist: DistInfo = ONE_PROCESS, full: bool = False) -> str | None:
+    """The first problem with ``path``'s files against its manifest (a missing or truncated
+    file; with ``full`` a corrupted one too, by crc32), or None when every file is as it was
+    saved. Collective when distributed.
+
+    The sizes cost a ``stat`` per file; ``full`` reads every byte (a 7B run's checkpoint is
+    ~100 GB): asked for with ``--verify-checkpoint full``, and done after a failed load."""
     manifest_path = path / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -138,27 +198,54 @@ def verify(path: Path, dist: DistInfo = ONE_PROCESS) -> str | None:
             problems.append(f"{f} is missing")
         elif f.stat().st_size != size:
             problems.append(f"{f} has {f.stat().st_size} bytes, {size} were saved (truncated)")
-        elif _crc32(f) != crc:
+        elif full and _crc32(f) != crc:
             problems.append(f"{f} does not match its checksum (corrupted)")
     found = sorted(p for part in all_gather_objects(problems, dist) for p in part)
     return found[0] if found else None
 
 
-def resolve_resume(arg: str | None, output_dir: str | Path, dist: DistInfo = ONE_PROCESS) -> Path | None:
+def check_pickles(path: Path, dist: DistInfo = ONE_PROCESS) -> None:
+    """Refuse ``path`` (one line) when a pickle in it imports a global outside
+    :data:`trainer.safe_load.ALLOWED`, before DeepSpeed unpickles it with weights_only=False.
+    Each rank scans a share of the files (collective); only the pickles are read."""
+    from trainer.safe_load import check_files, pickle_files
+
+    mine = check_files(pickle_files(path)[dist.rank :: dist.world_size])
+    found = [p for p in all_gather_objects(mine, dist, "the checkpoint check") if p is not None]
+    if found:
+        raise CheckpointError(found[0])
+
+
+def resolve_resume(
+    arg: str | None,
+    output_dir: str | Path,
+    dist: DistInfo = ONE_PROCESS,
+    full_verify: bool = False,
+    trust: bool = False,
+) -> Path | None:
     """``--resume`` semantics: None = fresh; "latest" = the newest intact checkpoint (one must
     exist); "auto" = the newest intact checkpoint or fresh; anything else = that checkpoint dir.
 
-    Every candidate is verified against its manifest first: a damaged newest checkpoint is
-    reported (naming the file) and the previous complete one is taken, never garbage. An
-    explicit PATH that is damaged is an error. Collective when distributed.
+    Every candidate is verified against its manifest first (sizes; every crc32 with
+    ``full_verify``): a damaged newest checkpoint is reported (naming the file) and the previous
+    complete one is taken, never garbage. An explicit PATH that is damaged is an error. The one
+    taken is then scanned for unsafe pickles (:func:`check_pickles`) unless ``trust``: a refused
+    checkpoint is an error, never a reason to fall back. Collective when distributed.
     """
+    path = _resolve_resume(arg, output_dir, dist, full_verify)
+    if path is not None and not trust:
+        check_pickles(path, dist)
+    return path
+
+
+def _resolve_resume(arg: str | None, output_dir: str | Path, dist: DistInfo, full: bool) -> Path | None:
     if arg is None:
         return None
     root = Path(output_dir) / "checkpoints"
     if arg in ("latest", "auto"):
         candidates = complete_newest_first(root)
         for path in candidates:
-            problem = verify(path, dist)
+            problem = verify(path, dist, full)
             if problem is None:
                 if path != candidates[0]:
                     log.warning("resuming from %s, the newest intact checkpoint", path)
@@ -168,7 +255,7 @@ def resolve_resume(arg: str | None, output_dir: str | Path, dist: DistInfo = ONE
             )
         if candidates:
             raise CheckpointError(
-                f"--resume: every checkpoint under {root} is damaged (the newest: {verify(candidates[0], dist)}); "
+                f"--resume: every checkpoint under {root} is damaged (the newest: {verify(candidates[0], dist, full)}); "
                 "start a new output_dir, or export what is readable with dstrain export"
             )
         if arg == "latest":
@@ -183,7 +270,7 @@ def resolve_resume(arg: str | None, output_dir: str | Path, dist: DistInfo = ONE
         raise CheckpointError(
             f"--resume {arg}: checkpoint is incomplete (no {COMPLETE} marker); pick an older one"
         )
-    problem = verify(path, dist)
+    problem = verify(path, dist, full)
     if problem is not None:
         raise CheckpointError(f"--resume {arg}: the checkpoint is damaged: {problem}; pick an older one")
     return path
@@ -209,21 +296,41 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_zero_stage(path: Path, zero_stage: int) -> None:
+    """An error, before anything is built, for a ``zero.stage`` change DeepSpeed cannot load.
+
+    ZeRO-0 keeps the optimizer state whole, which DeepSpeed cannot re-shard. ZeRO-3 names its
+    model-state files per rank (``zero_pp_rank_R_mp_rank_00_model_states.pt``) where ZeRO-1/2
+    write one ``mp_rank_00_model_states.pt``, and DeepSpeed 0.19.8's universal load looks for
+    the file names of the stage it loads into (tried: 2 -> 3 fails in ``load_checkpoint``), so
+    the ZeRO-3 boundary is not crossed either. Between 1 and 2, and to any world size within a
+    stage, the universal format carries it (:func:`needs_universal`)."""
+    saved_stage = int(read_meta(path)["zero_stage"])
+    if saved_stage == zero_stage:
+        return
+    if saved_stage == 0 or zero_stage == 0 or 3 in (saved_stage, zero_stage):
+        why = (
+            "DeepSpeed cannot re-shard a ZeRO-0 optimizer state"
+            if 0 in (saved_stage, zero_stage)
+            else "DeepSpeed's universal format (dstrain ckpt to-universal) converts across world "
+            "sizes and between ZeRO 1 and 2, not across ZeRO-3's per-rank files"
+        )
+        raise CheckpointError(
+            f"{path} was saved with zero.stage {saved_stage} and this run uses {zero_stage}: {why}; "
+            f"resume with --zero.stage {saved_stage}, or export the weights (dstrain export) and "
+            "start a cpt run from them"
+        )
+
+
 def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
     """Whether loading ``path`` into this run needs DeepSpeed's universal format: ZeRO-1/2/3
     shards are laid out for one world size and stage. A ZeRO-0 checkpoint holds the whole model
-    and optimizer in one file that any world size loads as it is (but not a sharded optimizer)."""
+    and optimizer in one file that any world size loads as it is. A stage change that cannot be
+    loaded at all is an error (:func:`check_zero_stage`)."""
+    check_zero_stage(path, zero_stage)
     meta = read_meta(path)
     saved_world, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
-    if saved_stage == 0:
-        if zero_stage != 0:
-            raise CheckpointError(
-                f"{path} was saved with zero.stage 0 and this run uses {zero_stage}: DeepSpeed cannot "
-                "re-shard a ZeRO-0 optimizer state; resume with --zero.stage 0, or export the weights "
-                "(dstrain export) and start a cpt run from them"
-            )
-        return False
-    return saved_world != world_size or saved_stage != zero_stage
+    return saved_stage != 0 and (saved_world != world_size or saved_stage != zero_stage)
 
 
 def saved_config(path: Path) -> JobConfig:
@@ -277,6 +384,9 @@ def prepare_universal(path: Path, dist: DistInfo) -> Path:
 # ---------------------------------------------------------------- config changes on resume
 
 ARCHITECTURE_KEYS = ("model.config", "model.name_or_path", "model.overrides", "tokenizer", "stage")
+# What the adapters' shapes and their scale are made of: a LoRA checkpoint holds them and nothing
+# else, so a change would load a part of them, or none, into the wrong places without an error.
+LORA_KEYS = ("lora.enabled", "lora.r", "lora.alpha", "lora.target_modules", "lora.modules_to_save")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -296,7 +406,7 @@ def config_diff(saved: JobConfig, current: JobConfig) -> dict[str, tuple[Any, An
 
 
 def check_resume_config(saved: JobConfig, current: JobConfig) -> dict[str, tuple[Any, Any]]:
-    """Log the differences; an architecture change is an error. Returns the diff.
+    """Log the differences; an architecture or LoRA-setup change is an error. Returns the diff.
 
     What a change means for the data is the data part's decision (its fingerprint): same
     position, the position re-dealt (world size, workers, micro-batch, buffer), or its epoch
@@ -312,12 +422,132 @@ def check_resume_config(saved: JobConfig, current: JobConfig) -> dict[str, tuple
             f"cannot resume: {arch[0]} changed from {old!r} to {new!r}; the architecture must match the "
             "checkpoint (start a new output_dir, or use stage cpt to start from exported weights)"
         )
+    lora = [k for k in diff if k in LORA_KEYS] if saved.lora.enabled or current.lora.enabled else []
+    if lora:
+        old, new = diff[lora[0]]
+        raise CheckpointError(
+            f"cannot resume: {lora[0]} changed from {old!r} to {new!r}; the LoRA setup must match the "
+            "checkpoint's adapters (resume with the saved value, or start a new output_dir from "
+            "`dstrain export CKPT OUT --merge`)"
+        )
     if any(k.startswith(("optim.", "schedule.", "train.max_steps", "train.epochs")) for k in diff):
         log.warning("optimizer/schedule settings changed: the new values apply from the resumed step on")
     return diff
 
 
+# ---------------------------------------------------------------- the base behind a LoRA run
+
+BASE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SAMPLE_BYTES = 1 << 16
+SAMPLES_PER_FILE = 16
+
+
+def base_dir(name_or_path: str | None) -> Path | None:
+    """The local directory of ``model.name_or_path``: the path itself, or a hub id's snapshot in
+    the local Hugging Face cache (no network); None when it is not on this machine (yet)."""
+    if name_or_path is None:
+        return None
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(str(name_or_path), "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _sampled_digest(f: Path, h: Any) -> None:
+    """Feed ``h`` with the file's name, size and 16 evenly spaced 64 KiB samples, head and tail
+    included (the whole file when it is small): a different checkpoint of the same shape differs in nearly every
+    weight, so every sample tells them apart; a few MB read instead of the whole file."""
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size}:".encode())
+    with f.open("rb") as fh:
+        if size <= 2 * SAMPLE_BYTES * SAMPLES_PER_FILE:
+            h.update(fh.read())
+            return
+        last = size - SAMPLE_BYTES
+        for offset in sorted({last * i // (SAMPLES_PER_FILE - 1) for i in range(SAMPLES_PER_FILE)}):
+            fh.seek(offset)
+            h.update(fh.read(SAMPLE_BYTES))
+
+
+def base_fingerprint(name_or_path: str | None) -> str | None:
+    """A sha256 over the base's config.json and sampled weight files (see :func:`_sampled_digest`),
+    or None when there is no base or it is not on this machine."""
+    import hashlib
+
+    path = base_dir(name_or_path)
+    if path is None:
+        return None
+    files = sorted(
+        f
+        for f in path.iterdir()
+        if f.is_file() and (f.name == "config.json" or f.suffix in BASE_WEIGHT_SUFFIXES)
+    )
+    h = hashlib.sha256()
+    for f in files:
+        _sampled_digest(f.resolve(), h)  # a hub snapshot links to its blobs
+    return h.hexdigest()
+
+
+def check_base(path: Path, job: JobConfig) -> bool:
+    """For a LoRA run (its checkpoint leaves the base out), an error when the weights behind
+    ``model.name_or_path`` are not the ones the checkpoint was saved with. Returns False when
+    the base is not on this machine yet (a hub id not downloaded): call again after the model
+    is built. A checkpoint that recorded no fingerprint (an older dstrain) is not checked."""
+    if not job.lora.enabled:
+        return True
+    saved = read_meta(path).get("base_fingerprint")
+    if saved is None:
+        log.warning("%s records no fingerprint of its base model: the base cannot be checked", path)
+        return True
+    current = base_fingerprint(job.model.name_or_path)
+    if current is None:
+        return False
+    if current != saved:
+        raise CheckpointError(
+            f"the weights behind model.name_or_path {job.model.name_or_path} are not the "
+            f"base {path} was trained on (its config or weight files differ: another revision or "
+            "another model); point model.name_or_path at the original base, or start a new output_dir"
+        )
+    return True
+
+
+def check_resume(path: Path, job: JobConfig) -> bool:
+    """Everything a resume checks before anything is built: the config (:func:`check_resume_config`),
+    the ZeRO stage (:func:`check_zero_stage`) and, for LoRA, the base (:func:`check_base`, whose
+    return value this passes on)."""
+    check_resume_config(saved_config(path), job)
+    check_zero_stage(path, job.zero.stage)
+    return check_base(path, job)
+
+
 # ---------------------------------------------------------------- save / load
+
+
+@contextlib.contextmanager
+def _checksummed_engine_saves(engine: Any, written: dict[str, tuple[int, int]]) -> Iterator[None]:
+    """Route DeepSpeed's torch.save of its files (its TorchCheckpointEngine, the default) through
+    :func:`save_with_crc` for the duration, recording each file's size and crc32. Another
+    checkpoint engine is left alone: its files are read back for the manifest instead."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    target = getattr(engine, "checkpoint_engine", None)
+    if type(target) is not TorchCheckpointEngine:
+        yield
+        return
+
+    def save(state_dict: Any, path: str) -> None:
+        written[str(Path(path))] = save_with_crc(state_dict, path)
+
+    target.save = save
+    try:
+        yield
+    finally:
+        del target.save  # the class's own method again
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -374,26 +604,20 @@ class Checkpointer:
                 shutil.rmtree(path)
             self._warn_if_short_of_space()
         barrier(self.dist, f"the save of step {step}")
+        written: dict[str, tuple[int, int]] = {}
         try:
-            self._write(step, tag, path)
-        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-            previous = newest_complete(self.root)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-            where = exc.filename if isinstance(exc, OSError) and exc.filename else path
-            free_mb = shutil.disk_usage(self.root).free / 1e6
-            raise CheckpointError(
-                f"saving step {step} failed on rank {self.dist.rank}: {reason} ({where}; {free_mb:.1f} MB free "
-                f"under {self.root}); the previous checkpoint {previous.name if previous else '(none)'} is "
-                "intact and nothing was pruned; free space (or lower train.keep_last), then --resume"
-            ) from None
+            with collective(f"the save of step {step}", self.dist):
+                self._write(step, tag, path, written)
+        except (OSError, RuntimeError, DistError) as exc:
+            raise self._save_error(step, path, exc) from None
         barrier(self.dist, f"the save of step {step}")  # every rank has written before the save counts
-        records = file_records(path, self.dist)
+        records = file_records(path, self.dist, written)
         if self.dist.is_main:
             _atomic_write(path / MANIFEST, json.dumps(records))
             _atomic_write(path / COMPLETE, json.dumps({"step": step, "time": time.time()}))
             _atomic_write(self.root / LATEST, tag)
             self.prune(protect)
-            self.last_save_bytes = dir_size(path)
+            self.last_save_bytes = sum(size for size, _ in records.values())
             log.info(
                 "saved %s (%.1f MB) in %.1f s",
                 path,
@@ -402,6 +626,27 @@ class Checkpointer:
             )
         barrier(self.dist)
         return path
+
+    def _save_error(self, step: int, path: Path, exc: BaseException) -> CheckpointError:
+        """One line for a failed save that says what failed: the free-space advice only for a
+        full disk (ENOSPC, EDQUOT), a lost peer as a lost peer, anything else as itself."""
+        previous = newest_complete(self.root)
+        intact = f"the previous checkpoint {previous.name if previous else '(none)'} is intact and nothing was pruned"
+        head = f"saving step {step} failed on rank {self.dist.rank}"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = exc.filename or path
+            free_mb = shutil.disk_usage(self.root).free / 1e6
+            return CheckpointError(
+                f"{head}: {exc.strerror} ({where}; {free_mb:.1f} MB free under {self.root}); {intact}; "
+                "free space (or lower train.keep_last), then --resume"
+            )
+        if isinstance(exc, DistError):  # a peer died or hangs inside the save's collectives
+            return CheckpointError(f"{head}: {exc}; {intact}")
+        if isinstance(exc, OSError):
+            reason = f"{exc.strerror or exc} ({exc.filename or path})"
+        else:
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]} ({path})"
+        return CheckpointError(f"{head}: {reason}; {intact}; fix the cause, then --resume")
 
     def _warn_if_short_of_space(self) -> None:
         free = shutil.disk_usage(self.root).free
@@ -414,15 +659,19 @@ class Checkpointer:
                 self.last_save_bytes / 1e6,
             )
 
-    def _write(self, step: int, tag: str, path: Path) -> None:
+    def _write(self, step: int, tag: str, path: Path, written: dict[str, tuple[int, int]]) -> None:
+        """Every rank's files of this save; ``written`` gets the (size, crc32) of each file
+        checksummed on its way to disk (the engine's and this rank's state)."""
+        fault("at_save_start", step, self.dist.rank)
         client_state = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        self.engine.save_checkpoint(
-            str(self.root),
-            tag=tag,
-            client_state=client_state,
-            save_latest=False,
-            exclude_frozen_parameters=self.exclude_frozen,
-        )
+        with _checksummed_engine_saves(self.engine, written):
+            self.engine.save_checkpoint(
+                str(self.root),
+                tag=tag,
+                client_state=client_state,
+                save_latest=False,
+                exclude_frozen_parameters=self.exclude_frozen,
+            )
         fault("in_save", step, self.dist.rank)
         rank_state = {
             "version": STATE_VERSION,
@@ -432,7 +681,7 @@ class Checkpointer:
         }
         own = rank_file(path, self.dist.rank)
         tmp = own.with_name(own.name + ".tmp")
-        torch.save(rank_state, tmp)
+        written[str(own)] = save_with_crc(rank_state, tmp)
         tmp.replace(own)
         if self.dist.is_main:
             meta = {
@@ -471,9 +720,20 @@ class Checkpointer:
                 "(trainer/main.py does this)"
             )
         load_dir, tag = (path, "universal") if universal else (path.parent, path.name)
-        loaded, _ = self.engine.load_checkpoint(
-            str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen
-        )
+        try:
+            loaded, _ = self.engine.load_checkpoint(
+                str(load_dir), tag=tag, load_module_strict=not self.exclude_frozen
+            )
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            # The resume checked sizes only: now read every byte (this rank alone, as the others
+            # may not have failed) to tell a damaged file from a checkpoint that does not fit.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            problem = verify(path, ONE_PROCESS, full=True)
+            cause = f"the full check found that {problem}" if problem else "every file matches its checksum"
+            raise CheckpointError(
+                f"loading {path} failed on rank {self.dist.rank} ({type(exc).__name__}: {first}); {cause}; "
+                "resume from an older checkpoint with --resume PATH"
+            ) from None
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         for name, part in self.shared.items():

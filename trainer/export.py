@@ -24,6 +24,7 @@ import torch
 
 from trainer.checkpoint import (
     COMPLETE,
+    check_pickles,
     dir_size,
     is_complete,
     list_checkpoints,
@@ -41,6 +42,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 ADAPTER_CONFIG = "adapter_config"  # a LoRA checkpoint's peft config dir
+TRUST_HELP = (
+    "skip the check of what the checkpoint's pickles import (only for checkpoints you wrote "
+    "yourself: DeepSpeed's files are unpickled with weights_only=False, which can run code)"
+)
 
 
 def consolidated_state_dict(engine: Any, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
@@ -137,34 +142,39 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     model_file = ckpt / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise CheckpointError(f"{ckpt} holds no DeepSpeed model states (expected {model_file.name})")
-    # DeepSpeed pickles its own objects (its config, ZeRO enums) beside the tensors: only our own
-    # checkpoints are read here, verified against their manifest first.
+    # DeepSpeed pickles its own objects beside the tensors, so this cannot be a weights_only
+    # load: resolve_checkpoint has checked every global the pickles import (trainer.safe_load).
     return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
 
-def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """A complete ``step_N`` dir from a checkpoint, a checkpoints/ dir or an output_dir."""
+def resolve_checkpoint(ckpt: str | Path, trust: bool = False) -> Path:
+    """A complete, intact ``step_N`` dir from a checkpoint, a checkpoints/ dir or an output_dir:
+    every file's crc32 is checked (an export reads them all anyway, and a flipped bit in a weight
+    would otherwise ship), and unless ``trust`` every pickle's globals (they are loaded with
+    weights_only=False)."""
     ckpt = Path(ckpt)
     if ckpt.is_dir() and not ckpt.name.startswith("step_"):  # an output_dir or checkpoints/ dir
         root = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
         ckpt = newest_complete(root) or ckpt
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
-    problem = verify(ckpt)
+    problem = verify(ckpt, full=True)
     if problem is not None:
         raise CheckpointError(f"{ckpt} is damaged: {problem}; export an older checkpoint")
+    if not trust:
+        check_pickles(ckpt)
     return ckpt
 
 
 def export_checkpoint(
-    ckpt: str | Path, out: str | Path, dtype: str | None = None, merge: bool = False
+    ckpt: str | Path, out: str | Path, dtype: str | None = None, merge: bool = False, trust: bool = False
 ) -> Path:
     """Rebuild the HF model from ``ckpt``'s config, load the consolidated weights, write ``out``
     in ``dtype`` (default: the precision the run trained in, as its own export). A LoRA
     checkpoint exports its adapter, or with ``merge`` the base model with the adapter merged in."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = resolve_checkpoint(ckpt, trust)
     dtype = dtype or read_meta(ckpt).get("precision", "fp32")
     state = {k.removeprefix("module."): v for k, v in checkpoint_state_dict(ckpt).items()}
     if (ckpt / ADAPTER_CONFIG).is_dir():
@@ -203,13 +213,18 @@ def export_lora_checkpoint(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.checkpoint import saved_config
+    from trainer.checkpoint import check_base, saved_config
 
     peft_config = LoraConfig.from_pretrained(str(ckpt / ADAPTER_CONFIG))
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     if merge:
-        base = saved_config(ckpt).model.name_or_path
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), peft_config)
+        job = saved_config(ckpt)
+        checked = check_base(ckpt, job)  # the adapters merge into the base they were trained on
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(job.model.name_or_path, dtype=torch.float32), peft_config
+        )
+        if not checked:  # a hub base fetched just now
+            check_base(ckpt, job)
     else:
         with torch.device("meta"):
             model = get_peft_model(
@@ -250,9 +265,10 @@ def export_main(argv: list[str] | None = None) -> int:
         help="LoRA runs: merge the adapter into the base model (in fp32, then cast) instead of "
         "writing the adapter alone",
     )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.merge)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.merge, args.trust_checkpoint)
     except DstrainError as exc:
         print(f"dstrain: error: {exc}", file=sys.stderr)
         return 2
@@ -268,6 +284,7 @@ def ckpt_main(argv: list[str] | None = None) -> int:
     uni = sub.add_parser("to-universal", help="convert CKPT for a resume on another world size")
     uni.add_argument("checkpoint")
     uni.add_argument("--out", default=None)
+    uni.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
@@ -287,6 +304,8 @@ def ckpt_main(argv: list[str] | None = None) -> int:
             )
         else:
             ckpt = Path(args.checkpoint)
+            if not args.trust_checkpoint:  # ds_to_universal unpickles with weights_only=False
+                check_pickles(ckpt)
             print(to_universal(ckpt, Path(args.out) if args.out else ckpt / "universal"))
     except DstrainError as exc:
         print(f"dstrain: error: {exc}", file=sys.stderr)

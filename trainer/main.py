@@ -43,6 +43,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="continue from the newest complete checkpoint in output_dir, from PATH, or 'auto' "
         "(resume if one exists, else start fresh)",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load the resumed checkpoint's pickles without checking what they import (only for "
+        "checkpoints you wrote yourself: a pickle can run code)",
+    )
+    parser.add_argument(
+        "--verify-checkpoint",
+        choices=("size", "full"),
+        default="size",
+        help="before a resume, check every file's size against the manifest (size), or also its "
+        "crc32, reading every byte (full; done anyway after a failed load)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
@@ -59,7 +72,12 @@ def seed_everything(seed: int) -> None:
 
 
 def run(
-    job: JobConfig, dist: DistInfo, resume: str | None, preemption: Preemption, console: object = None
+    job: JobConfig,
+    dist: DistInfo,
+    resume: str | None,
+    preemption: Preemption,
+    console: object = None,
+    args: argparse.Namespace | None = None,
 ) -> int:
     """Build the parts and train; returns the exit code. Imports are local so `--help` and
     config errors stay fast."""
@@ -78,11 +96,12 @@ def run(
     on_gpu = dist.device.startswith("cuda")
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     out = Path(job.output_dir)
-    resume_path = ckpt.resolve_resume(resume, job.output_dir, dist)
+    trust, full = (args.trust_checkpoint, args.verify_checkpoint == "full") if args else (False, False)
+    resume_path = ckpt.resolve_resume(resume, job.output_dir, dist, full_verify=full, trust=trust)
     saved = ckpt.saved_config(resume_path) if resume_path is not None else None
     job = plan_for_ranks(job, dist, precision, saved)  # zero.stage, micro-batch, workers: auto
-    if resume_path is not None:  # fail fast on an architecture change, before building anything
-        ckpt.check_resume_config(saved, job)
+    # fail fast on an architecture, LoRA, ZeRO-3 boundary or base change, before building anything
+    base_checked = resume_path is None or ckpt.check_resume(resume_path, job)
     tokenizer = load_tokenizer(job.tokenizer_path, job.model.trust_remote_code)
     train_data = build_train_data(job.data, tokenizer, dist, job.seed, job.train.micro_batch_size)
     check_same_run(
@@ -93,6 +112,8 @@ def run(
     ds_config = build_ds_config(job, precision, on_gpu)
     seed_everything(job.seed)
     model = build_model(job, tokenizer, precision, on_gpu, ds_config)
+    if not base_checked:  # a hub base that was not on this machine before build_model fetched it
+        ckpt.check_base(resume_path, job)
     if resume_path is not None and ckpt.needs_universal(resume_path, dist.world_size, job.zero.stage):
         ckpt.prepare_universal(resume_path, dist)
         ds_config["checkpoint"] = {"load_universal": True}
@@ -124,7 +145,7 @@ def run(
         per_rank={"data": train_data, "rng": ckpt.RNGState()},
         keep_last=job.train.keep_last,
         write_extras=lambda path: write_checkpoint_extras(path, job, engine, tokenizer),
-        meta={"precision": precision},
+        meta={"precision": precision, "base_fingerprint": ckpt.base_fingerprint(job.model.name_or_path)},
         exclude_frozen=job.lora.enabled,  # a LoRA checkpoint holds the adapter, not the frozen base
     )
     resumed_at = None
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info(summary_line(job, dist))
         with quiet_stdout(not job.log.library_logs):  # DeepSpeed prints its op builds per rank
             init_distributed(dist, job.train.collective_timeout_s)
-        return run(job, dist, args.resume, preemption, console)
+        return run(job, dist, args.resume, preemption, console, args)
     except Interrupted as exc:
         # The half-built process group is left alone: tearing it down could wait again.
         print(f"dstrain: interrupted: [rank{dist.rank}] {exc}", file=sys.stderr, flush=True)

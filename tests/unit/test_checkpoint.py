@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ def make_ckpts(
     for step in complete:
         path = ckpts / f"step_{step}"
         path.mkdir(parents=True)
-        (path / "model.pt").write_bytes(bytes(range(256)) * (step + 1))
+        (path / "model.bin").write_bytes(bytes(range(256)) * (step + 1))
         (path / MANIFEST).write_text(json.dumps(file_records(path, DistInfo())))
         (path / COMPLETE).write_text("{}")
     for step in incomplete:
@@ -63,8 +64,11 @@ def test_a_stale_latest_pointer_never_wins_over_a_newer_complete_save(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_taken(tmp_path, caplog, damage):
+    """A missing or truncated file is found by its size on every resume; a flipped bit (the same
+    size) by the crc32 check of --verify-checkpoint full."""
+    full = damage == "flip"
     ckpts = make_ckpts(tmp_path, complete=[5, 10], latest=10)
-    victim = ckpts / "step_10" / "model.pt"
+    victim = ckpts / "step_10" / "model.bin"
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         victim.write_bytes(data[:-7])
@@ -74,14 +78,14 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_taken(tmp_
     else:
         victim.unlink()
     with caplog.at_level(logging.WARNING, logger="dstrain"):
-        assert resolve_resume("latest", tmp_path) == ckpts / "step_5"
+        assert resolve_resume("latest", tmp_path, full_verify=full) == ckpts / "step_5"
     assert any(str(victim) in r.message and "falling back" in r.message for r in caplog.records)
-    with pytest.raises(CheckpointError, match=r"step_10: the checkpoint is damaged: .*model\.pt") as info:
-        resolve_resume(str(ckpts / "step_10"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"step_10: the checkpoint is damaged: .*model\.bin") as info:
+        resolve_resume(str(ckpts / "step_10"), tmp_path, full_verify=full)
     assert "\n" not in str(info.value)
-    (ckpts / "step_5" / "model.pt").write_bytes(b"garbage")
+    (ckpts / "step_5" / "model.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="every checkpoint under .* is damaged"):
-        resolve_resume("auto", tmp_path)
+        resolve_resume("auto", tmp_path, full_verify=full)
 
 
 def test_bare_resume_without_checkpoints_is_an_error_and_auto_starts_fresh(tmp_path):
@@ -151,3 +155,162 @@ def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"r": 8},
+        {"target_modules": "all-linear"},
+        {"enabled": False},
+        {"alpha": 64.0},
+        {"modules_to_save": ["lm_head"]},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_a_changed_lora_setup_is_an_error_and_dropout_is_not(change):
+    lora = {"enabled": True, "r": 16, "alpha": 32.0}
+    saved = build_config(base={"tokenizer": "t", "lora": lora})
+    changed = build_config(base={"tokenizer": "t", "lora": {**lora, **change}})
+    key = f"lora.{next(iter(change))}"
+    with pytest.raises(
+        CheckpointError, match=rf"cannot resume: {key} changed from .* LoRA setup must match"
+    ) as info:
+        check_resume_config(saved, changed)
+    assert "\n" not in str(info.value)
+    dropout = build_config(base={"tokenizer": "t", "lora": {**lora, "dropout": 0.1}})
+    assert check_resume_config(saved, dropout) == {"lora.dropout": (0.05, 0.1)}
+    # Without LoRA on either side the lora section is unused: changing it changes nothing.
+    off = build_config(base={"tokenizer": "t"})
+    assert check_resume_config(off, build_config(base={"tokenizer": "t", "lora": {"r": 8}})) == {
+        "lora.r": (16, 8)
+    }
+
+
+def test_the_base_fingerprint_tells_another_checkpoint_of_the_same_shape_apart(tmp_path):
+    import shutil
+
+    from tests.helpers import tiny_model
+    from trainer.checkpoint import base_fingerprint
+
+    tiny_model(seed=0).save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    tiny_model(seed=1).save_pretrained(tmp_path / "b")  # same config, same file sizes
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "a").iterdir()}
+    assert sizes == {p.name: p.stat().st_size for p in (tmp_path / "b").iterdir()}
+    a, b = base_fingerprint(str(tmp_path / "a")), base_fingerprint(str(tmp_path / "b"))
+    assert a == base_fingerprint(str(tmp_path / "copy")) and a != b
+    assert base_fingerprint(None) is None and base_fingerprint("no-such-org/no-such-model") is None
+    # A weight file too big to hash whole is sampled: a changed stretch longer than the gap
+    # between two samples (a fifteenth of the file) shows.
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text("{}")
+    weights = bytearray(random.Random(0).randbytes(5 << 20))
+    (big / "model.safetensors").write_bytes(weights)
+    before = base_fingerprint(str(big))
+    weights[(3 << 20) : (3 << 20) + (256 << 10)] = random.Random(1).randbytes(256 << 10)
+    (big / "model.safetensors").write_bytes(weights)
+    assert base_fingerprint(str(big)) != before
+
+
+def test_the_manifest_takes_checksums_made_while_writing_and_reads_only_the_rest(tmp_path):
+    import zlib
+
+    from trainer.checkpoint import save_with_crc, verify
+
+    path = tmp_path / "step_1"
+    path.mkdir()
+    big = path / "mp_rank_00_model_states.pt"
+    size, crc = save_with_crc({"w": torch.arange(1000.0)}, big)
+    data = big.read_bytes()
+    assert (size, crc) == (len(data), zlib.crc32(data))
+    (path / "run.yaml").write_text("stage: pretrain\n")
+    # A checksum recorded at write time is taken as it is: the file is not read again.
+    records = file_records(path, DistInfo(), {str(big): (size, 12345)})
+    assert records == {
+        big.name: [size, 12345],
+        "run.yaml": [16, zlib.crc32(b"stage: pretrain\n")],
+    }
+    (path / MANIFEST).write_text(json.dumps(file_records(path, DistInfo(), {str(big): (size, crc)})))
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x01
+    big.write_bytes(flipped)
+    assert verify(path) is None  # sizes only: what every resume checks
+    assert "does not match its checksum" in verify(path, full=True)
+    big.write_bytes(data[:-1])
+    assert "truncated" in verify(path)
+
+
+def test_a_save_failure_is_a_full_disk_only_when_the_disk_is_full(tmp_path):
+    import errno
+
+    from trainer.errors import DistError
+
+    ckpts = make_ckpts(tmp_path, complete=[5])
+    checkpointer = Checkpointer(tmp_path, DistInfo(), engine=None, shared={}, per_rank={}, keep_last=2)
+    path = ckpts / "step_10"
+    full = checkpointer._save_error(10, path, OSError(errno.ENOSPC, "No space left on device", "x.pt"))
+    assert "No space left on device (x.pt; " in str(full) and "MB free under" in str(full)
+    assert "step_5 is intact" in str(full)
+    cases = {
+        "denied": OSError(errno.EACCES, "Permission denied", "x.pt"),
+        "peer": DistError(
+            "rank 0 lost contact with the other ranks in the save of step 10: Connection closed"
+        ),
+        "bug": RuntimeError("PytorchStreamWriter failed\nmore"),
+    }
+    for name, exc in cases.items():
+        text = str(checkpointer._save_error(10, path, exc))
+        assert "free" not in text and "step_5 is intact" in text and "\n" not in text, (name, text)
+    assert "lost contact with the other ranks" in str(checkpointer._save_error(10, path, cases["peer"]))
+
+
+@pytest.mark.parametrize("saved, now", [(3, 1), (2, 3), (0, 2), (1, 0)])
+def test_a_zero_stage_change_deepspeed_cannot_load_is_one_line(tmp_path, saved, now):
+    from trainer.checkpoint import STATE_VERSION, check_zero_stage, needs_universal
+
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"version": STATE_VERSION, "world_size": 2, "zero_stage": saved})
+    )
+    with pytest.raises(
+        CheckpointError, match=f"saved with zero.stage {saved} and this run uses {now}"
+    ) as info:
+        check_zero_stage(tmp_path, now)
+    assert f"resume with --zero.stage {saved}" in str(info.value) and "\n" not in str(info.value)
+    if saved in (1, 2):
+        assert needs_universal(tmp_path, world_size=2, zero_stage=3 - saved) is True  # 1 <-> 2
+    assert needs_universal(tmp_path, world_size=2, zero_stage=saved) is False
+    assert needs_universal(tmp_path, world_size=3, zero_stage=saved) is (saved != 0)
+
+
+def test_a_full_disk_in_the_middle_of_a_save_is_an_enospc_oserror(tmp_path, monkeypatch):
+    """torch.save turns a failed write after the first one into a RuntimeError without errno;
+    the checksumming writer keeps the OSError, so the save can say "full disk" only then."""
+    import errno
+
+    from trainer.checkpoint import save_with_crc
+
+    class FillsUp:
+        """A file that takes 100 bytes, then reports a full disk (as a small tmpfs does)."""
+
+        def __init__(self):
+            self.room = 100
+
+        def write(self, data):
+            if self.room <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n = min(self.room, len(data))
+            self.room -= n
+            return n
+
+        def fileno(self):
+            raise AssertionError("never reached: the save fails first")
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: contextlib.nullcontext(FillsUp()))
+    with pytest.raises(OSError) as info:
+        save_with_crc({"w": torch.zeros(1000)}, tmp_path / "x.pt")
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC

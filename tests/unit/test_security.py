@@ -77,3 +77,94 @@ def test_a_forwarded_secret_travels_by_reference_in_sbatch_and_privately_to_pdsh
     assert f"HF_TOKEN={SECRET}" in env_file.read_text()
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     assert SECRET not in (tmp_path / "out" / "run.yaml").read_text()
+
+
+# ---------------------------------------------------------------- checkpoint pickles
+
+
+class RunsAShellCommand:
+    """What a crafted checkpoint holds: unpickling it runs ``touch <marker>``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def torch_zip(path: Path, pickle_bytes: bytes, extra: dict[str, bytes] | None = None) -> Path:
+    """A file laid out as torch.save writes it (archive/data.pkl ...), holding ``pickle_bytes``."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle_bytes)
+        zf.writestr("archive/version", "3\n")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_a_real_state_dict_passes_and_a_crafted_global_is_named_without_running_it(tmp_path):
+    import collections
+
+    import torch
+
+    from trainer.safe_load import unsafe_global
+
+    good = tmp_path / "good.pt"
+    torch.save(
+        {
+            "module": collections.OrderedDict(w=torch.ones(2, 3), b=torch.zeros(3, dtype=torch.bfloat16)),
+            "param_shapes": [collections.OrderedDict(w=torch.Size([2, 3]))],
+            "ids": torch.zeros(4, dtype=torch.uint32),
+            "bytes": b"\x00\x01",
+            "device": torch.device("cpu"),
+        },
+        good,
+    )
+    assert unsafe_global(good) is None
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"module": {"w": torch.ones(1)}, "x": RunsAShellCommand(marker)}, evil)
+    assert unsafe_global(evil).startswith("its evil/data.pkl imports posix.system, which no DeepSpeed")
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the control: this is what DeepSpeed's load would do
+    assert marker.exists()
+
+
+def test_tricks_that_hide_a_global_are_refused(tmp_path):
+    import pickle
+    import pickletools
+
+    from trainer.safe_load import pickle_globals, unsafe_global
+
+    def op(name: str) -> bytes:
+        return next(o for o in pickletools.opcodes if o.name == name).code.encode("latin-1")
+
+    def text(s: str) -> bytes:
+        return op("SHORT_BINUNICODE") + bytes([len(s)]) + s.encode()
+
+    # STACK_GLOBAL whose module name comes back from the memo: the names are followed exactly.
+    memo_trick = (
+        b"\x80\x04" + text("collections") + op("MEMOIZE") + text("OrderedDict") + op("STACK_GLOBAL")
+        + op("POP") + op("BINGET") + b"\x00" + text("system") + op("STACK_GLOBAL") + op("STOP")
+    )  # fmt: skip
+    assert pickle_globals(memo_trick) == [("collections", "OrderedDict"), ("collections", "system")]
+    assert pickle_globals(pickle.dumps(os.system, protocol=4)) == [("posix", "system")]
+    # STACK_GLOBAL on names that are not plain strings, a global by copyreg number, INST, garbage.
+    not_strings = b"\x80\x04" + text("x") + op("EMPTY_LIST") + op("STACK_GLOBAL") + op("STOP")
+    ext = b"\x80\x02" + op("EXT1") + b"\x01" + op("STOP")
+    inst = b"(" + op("INST") + b"os\nsystem\n" + op("STOP")
+    cases = {
+        "not_strings": (not_strings, "cannot be checked"),
+        "ext": (ext, "cannot be checked"),
+        "inst": (inst, "imports os.system"),
+        "garbage": (b"\x80\x02\xff\xff", "cannot be checked"),
+    }
+    for name, (data, want) in cases.items():
+        assert want in str(unsafe_global(torch_zip(tmp_path / f"{name}.pt", data))), name
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    assert "not a zip-format torch file" in str(unsafe_global(legacy))
+    hidden = torch_zip(tmp_path / "hidden.pt", pickle.dumps({}, protocol=2), {"archive/DATA.pkl": b"x"})
+    assert "two entries of the same name" in str(unsafe_global(hidden))

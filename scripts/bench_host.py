@@ -22,7 +22,7 @@ no dstrain code: fp32 master weights, ``torch.autocast(bfloat16)`` for bf16, fus
 a LambdaLR warmup+cosine schedule, HF's loss (``model(labels=...).loss``). The figure per case is
 the median over the timed steps of (case step / bare step), after ``--warmup`` untimed steps.
 
-    python scripts/bench_host.py                                # every case, under 2 minutes
+    python scripts/bench_host.py                                # every case, about 2 min of CPU
     python scripts/bench_host.py --cases zero1-bf16,zero2-bf16 --steps 50
     python scripts/bench_host.py --json host.json
 

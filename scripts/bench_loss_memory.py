@@ -18,7 +18,7 @@ and DeepSpeed's ``torch_autocast`` run bf16).
     python scripts/bench_loss_memory.py                      # 896 and 3584, fp32/bf16/autocast
     python scripts/bench_loss_memory.py --widths 896 --dtypes bf16 --json loss_mem.json
 
-Slow on 2 CPU cores (the 3584 cases are several TFLOP each): about 10-20 minutes in all.
+Slow on 2 CPU cores (the 3584 cases are several TFLOP each): 20 minutes or more of CPU time.
 """
 
 from __future__ import annotations

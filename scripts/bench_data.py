@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the tree this script lives in, with or without an install
+    sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_INPUT = SHARED_DATA / "zhwiki-sample" / "wikipedia-cn-sample.json"
 DEFAULT_TOKENIZER = SHARED_DATA / "qwen2.5-0.5b"

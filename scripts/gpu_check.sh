@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The GPU check for an air-gapped node: Python 3.12, a CUDA torch and transformers, no network,
-# no deepspeed/datasets/torchdata. Fill .wheels/ first on a networked machine
-# (bash scripts/gpu_wheels.sh), copy the repo over, then run this once (about 10 minutes):
+# no deepspeed/torchdata/liger-kernel. Fill .wheels/ first on a networked machine
+# (bash scripts/gpu_wheels.sh, about 6 MB of wheels), copy the repo over, then run this once.
+# Everything fits in 8 minutes of GPU time: each step's timeout is also cut to what is left of
+# --budget (470 s), keeping 15 s for the summary.
 #
-#   env      device, driver and versions                              -> env.txt
-#   install  the missing packages from .wheels/, offline (a venv that  -> install.log
+#   env      device, driver and versions                                 -> env.txt
+#   install  the missing packages from .wheels/, offline (a venv that     -> install.log
 #            sees the node's torch: --system-site-packages)
-#   parity   bf16 loss of a packed batch, eager vs sdpa (vs flash-attn) -> parity.json
-#   resume   a bf16 run killed with SIGKILL and resumed                -> resume.json
-#   bench    scripts/bench_gpu.py bench: tokens/s, MFU, peak memory     -> bench.json
-#   data     scripts/bench_data.py with 0/1/2/4 dataloader workers      -> bench_data.json
-#   summary  every figure with the device and the date                 -> summary.md
+#   parity   bf16 loss of packed rows (8 x 4 documents) under eager, sdpa,  -> parity.json
+#            flex_attention, flash-attn: each document vs run alone
+#   syncs    one train_step under torch.cuda.set_sync_debug_mode, listed  -> syncs.json
+#   bench    bare loop, HF Trainer, dstrain defaults and best: tokens/s,  -> bench.json
+#            MFU, peak memory vs estimate, ratios
+#   resume   a bf16 run killed with SIGKILL and resumed                   -> resume.json
+#   attn     sdpa vs flex_attention vs flash varlen on packed rows        -> attn.json
+#   summary  every figure with the device and the date                    -> summary.md
+#   data     (only with --only data) bench_data.py with 0/1/2/4 workers   -> bench_data.json
 #
-# Usage: bash scripts/gpu_check.sh [--out DIR] [--only STEP,...] [--dry-run] [--cpu-fallback]
+# Usage: bash scripts/gpu_check.sh [--out DIR] [--only STEP,...] [--budget S] [--dry-run] [--cpu-fallback]
 #   --dry-run       list the steps and their commands, run nothing
 #   --cpu-fallback  the same steps on CPU with a tiny model (no install), to test this script
 # A failed step is recorded and the others still run; the exit status is 1 if any failed.
@@ -23,6 +29,7 @@ OUT="$ROOT/runs/gpu_check/$(date +%Y%m%d-%H%M%S)"
 ONLY=""
 DRY_RUN=0
 CPU=0
+BUDGET=470
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv-gpu"
 
@@ -30,25 +37,28 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --cpu-fallback) CPU=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-STEPS=(env install parity resume bench data summary)
-declare -A TIMEOUT=([env]=60 [install]=300 [parity]=180 [resume]=300 [bench]=420 [data]=300 [summary]=60)
+STEPS=(env install parity syncs bench resume attn summary data)
+declare -A TIMEOUT=([env]=30 [install]=90 [parity]=90 [syncs]=75 [bench]=260 [resume]=150 [attn]=90 [summary]=15 [data]=300)
 if [ "$CPU" = 1 ]; then
-  TIMEOUT[resume]=600
-  TIMEOUT[data]=600
+  for step in "${!TIMEOUT[@]}"; do TIMEOUT[$step]=600; done
+  BUDGET=3600
 fi
 
-wanted() {  # is step $1 to run? --only lists them; by default all but install on --cpu-fallback
+wanted() {  # is step $1 to run? --only lists them; by default all but data (and install on --cpu-fallback)
   if [ -n "$ONLY" ]; then
     [[ ",$ONLY," == *",$1,"* ]]
   elif [ "$1" = install ]; then
     [ "$CPU" = 0 ]
+  else
+    [ "$1" != data ]
   fi
 }
 
@@ -75,7 +85,7 @@ command_for() {  # the shell command of step $2, run with python $1
       quoted "$PYTHON" -m venv --system-site-packages "$VENV"
       echo -n "&& "
       quoted "$VENV/bin/python" -m pip install --no-index --find-links "$ROOT/.wheels" -r "$ROOT/.wheels/requirements.txt" ;;
-    parity|resume|bench) quoted "$py" scripts/bench_gpu.py "$2" --out "$OUT" "${FALLBACK[@]}" "${DATA_ARGS[@]}" ;;
+    parity|syncs|resume|bench|attn) quoted "$py" scripts/bench_gpu.py "$2" --out "$OUT" "${FALLBACK[@]}" "${DATA_ARGS[@]}" ;;
     data)
       data_in=("${DATA_ARGS[@]}")
       [ ${#data_in[@]} -eq 0 ] && data_in=(--input "$OUT/demo-data/train.parquet" --tokenizer "$OUT/demo-data/tokenizer")
@@ -107,6 +117,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=fals
 [ "$CPU" = 1 ] && export CUDA_VISIBLE_DEVICES=""
 : > "$OUT/steps.tsv"
 FAILED=0
+CHECK_START=$(date +%s)
 for step in "${STEPS[@]}"; do
   wanted "$step" || continue
   if [ "$step" = install ] && [ ! -f "$ROOT/.wheels/requirements.txt" ]; then
@@ -118,9 +129,20 @@ for step in "${STEPS[@]}"; do
   cmd="$(command_for "$(python_for_steps)" "$step")"
   log="$OUT/$step.log"
   [ "$step" = env ] && log="$OUT/env.txt"
-  echo "[$step] $cmd" | tee "$log"
+  # The step's own timeout, cut to what is left of the budget (the summary keeps 15 s).
+  left=$(( CHECK_START + BUDGET - $(date +%s) ))
+  [ "$step" = summary ] || left=$(( left - 15 ))
+  limit=${TIMEOUT[$step]}
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "[$step] skipped: the ${BUDGET}s budget is spent" | tee "$log"
+    printf '%s\t%s\t%s\n' "$step" "SKIPPED" 0 >> "$OUT/steps.tsv"
+    FAILED=1
+    continue
+  fi
+  echo "[$step] (limit ${limit}s) $cmd" | tee "$log"
   start=$(date +%s)
-  if timeout --kill-after=30 "${TIMEOUT[$step]}" bash -c "$cmd" >> "$log" 2>&1; then status=ok; else status="FAIL($?)"; FAILED=1; fi
+  if timeout --kill-after=10 "$limit" bash -c "$cmd" >> "$log" 2>&1; then status=ok; else status="FAIL($?)"; FAILED=1; fi
   seconds=$(( $(date +%s) - start ))
   printf '%s\t%s\t%s\n' "$step" "$status" "$seconds" >> "$OUT/steps.tsv"
   echo "[$step] $status in ${seconds}s (log: $log)"

@@ -11,6 +11,7 @@
 #   parity   bf16 loss of packed rows (8 x 4 documents) under eager, sdpa,  -> parity.json
 #            flex_attention, flash-attn: each document vs run alone
 #   syncs    one train_step under torch.cuda.set_sync_debug_mode, listed  -> syncs.json
+#   nccl     a stuck rank under NCCL stops its peer with dstrain's one line -> nccl.log
 #   bench    bare loop, HF Trainer, dstrain defaults and best: tokens/s,  -> bench.json
 #            MFU, peak memory vs estimate, ratios
 #   resume   a bf16 run killed with SIGKILL and resumed                   -> resume.json
@@ -45,8 +46,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-STEPS=(env install parity syncs bench resume attn summary data)
-declare -A TIMEOUT=([env]=30 [install]=90 [parity]=90 [syncs]=75 [bench]=260 [resume]=150 [attn]=90 [summary]=15 [data]=300)
+STEPS=(env install parity syncs nccl bench resume attn summary data)
+declare -A TIMEOUT=([env]=30 [install]=90 [parity]=90 [syncs]=75 [nccl]=45 [bench]=230 [resume]=150 [attn]=90 [summary]=15 [data]=300)
 if [ "$CPU" = 1 ]; then
   for step in "${!TIMEOUT[@]}"; do TIMEOUT[$step]=600; done
   BUDGET=3600
@@ -94,6 +95,7 @@ command_for() {  # the shell command of step $2, run with python $1
       else
         quoted "$py" scripts/bench_data.py "${data_in[@]}" --cases a,b,c,d --workers 0,1,2,4 --epochs 5 --json "$OUT/bench_data.json"
       fi ;;
+    nccl) quoted "$py" scripts/check_nccl_stuck_rank.py ;;
     summary) quoted "$py" scripts/bench_gpu.py summary --out "$OUT" ;;
   esac
 }

@@ -36,7 +36,7 @@ def dry_run(*args: str) -> list[str]:
 def test_gpu_check_dry_run_lists_every_step_in_order(tmp_path):
     lines = dry_run("--out", str(tmp_path / "o u t"))
     steps = [line.split("]")[0][1:] for line in lines if line.startswith("[")]
-    assert steps == ["env", "install", "parity", "syncs", "bench", "resume", "attn", "summary"]
+    assert steps == ["env", "install", "parity", "syncs", "nccl", "bench", "resume", "attn", "summary"]
     install = next(line for line in lines if line.startswith("[install]"))
     assert "--no-index --find-links" in install and "--system-site-packages" in install
     (data,) = [line for line in dry_run("--only", "data") if line.startswith("[")]

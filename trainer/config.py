@@ -60,7 +60,7 @@ class ModelConfig(ConfigBase):
     compile: bool = opt(
         False,
         "torch.compile each decoder layer (fused kernels, fewer launches); the first steps pay the "
-        "compile time. Off by default until measured faster on a GPU.",
+        "compile time; not under ZeRO-3. Off by default until measured faster on a GPU.",
     )
 
 

@@ -327,7 +327,13 @@ def build_model(
         apply_gradient_checkpointing(model)
     if job.lora.enabled:
         model = apply_lora(model, job.lora)
-    if cfg.compile:
+    if cfg.compile and (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        # Measured on CPU: ZeRO-3 swaps each parameter between its empty partition and the
+        # gathered tensor, so dynamo's shape guards fail and it recompiles until its limit.
+        log.warning(
+            "model.compile: skipped under ZeRO-3 (partitioned parameters change shape); use stage 0-2"
+        )
+    elif cfg.compile:
         apply_compile(model)
     if cfg.loss == "chunked":
         enable_chunked_loss(model)  # before deepspeed.initialize: ZeRO-3 hooks the modules then

@@ -61,6 +61,11 @@ class ModelConfig(ConfigBase):
         "chunked = next-token loss over chunks of target tokens, never the full [tokens, vocab] fp32 "
         "logits (llama/mistral/qwen2/qwen3 heads); plain = HF's full logits.",
     )
+    compile: bool = opt(
+        False,
+        "torch.compile each decoder layer (fused kernels, fewer launches); the first steps pay the "
+        "compile time; not under ZeRO-3. Off by default until measured faster on a GPU.",
+    )
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each feature is a function with one capability check and an explicit fallback:
 :func:`select_attention`, :func:`apply_gradient_checkpointing`, :func:`apply_lora`,
-:func:`zero3_init` (precision: ``trainer.ds_config.resolve_precision``).
+:func:`apply_compile`, :func:`zero3_init` (precision: ``trainer.ds_config.resolve_precision``).
 
 - pretrain: the architecture with random weights, built whole on each rank (seeded, so every
   ZeRO stage starts from the same weights);
@@ -15,6 +15,7 @@ Each feature is a function with one capability check and an explicit fallback:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -29,7 +30,7 @@ from trainer.config import JobConfig, LoraConfig, ModelConfig
 from trainer.ds_config import Precision
 from trainer.errors import ConfigError
 from trainer.feed import keeps_documents_apart
-from trainer.loss import enable_chunked_loss
+from trainer.loss import causal_lm_of, enable_chunked_loss
 
 log = logging.getLogger("dstrain")
 
@@ -264,6 +265,52 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return model
 
 
+def compile_layer(layer: torch.nn.Module) -> None:
+    """``torch.compile`` the body of one decoder layer, under transformers' checkpointing.
+
+    transformers (5.x) checkpoints a layer by wrapping its class ``forward``; compiling the whole
+    call (``layer.compile()``) would put that checkpoint inside the graph, where dynamo gives up on
+    it (a graph break, and the layer runs eagerly). So the wrapped original forward is compiled and
+    checkpointed from outside, as the wrapper does: the recompute in backward replays the compiled
+    graph. Module hooks (DeepSpeed's) stay outside the compiled region; ``state_dict`` keys do not
+    change (no ``_orig_mod`` wrapper).
+    """
+    body = getattr(type(layer).forward, "__wrapped__", type(layer).forward)
+    compiled = torch.compile(functools.partial(body, layer))
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            return layer._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
+        return compiled(*args, **kwargs)
+
+    layer.forward = forward
+
+
+def apply_compile(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile each decoder layer (``model.model.layers[i]``, also inside peft) with torch.compile.
+
+    Per layer rather than the whole model (DeepSpeed's ``engine.compile()`` compiles the engine's
+    whole module): the embedding, mask building, and the chunked loss stay eager, so their graph
+    breaks cannot split the layers' graphs; all layers share one compiled graph (same code, same
+    shapes), so compile time does not grow with depth; and it runs here, before
+    ``deepspeed.initialize``, like the other model changes.
+    """
+    layers = getattr(causal_lm_of(model).get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(
+            f"--model.compile: {type(causal_lm_of(model)).__name__} has no decoder layers at model.layers "
+            "to compile; use --model.compile false"
+        )
+    for layer in layers:
+        compile_layer(layer)
+    log.info(
+        "model.compile: torch.compile on each of the %d decoder layers (%s); the first steps include compile time",
+        len(layers),
+        type(layers[0]).__name__,
+    )
+    return model
+
+
 def build_model(
     job: JobConfig,
     tokenizer: Any,
@@ -273,7 +320,8 @@ def build_model(
 ) -> torch.nn.Module:
     """The model to train, in fp32 (DeepSpeed casts to bf16/fp16 and keeps fp32 master weights):
     random weights for pretrain, ``model.name_or_path`` for cpt/sft (partitioned as it loads
-    under ZeRO-3, see :func:`zero3_init`), then gradient checkpointing and LoRA when asked."""
+    under ZeRO-3, see :func:`zero3_init`), then gradient checkpointing, LoRA and compilation when
+    asked."""
     cfg = job.model
     attn = select_attention(cfg.attn_implementation, on_gpu, precision, packed=job.data.pack)
     warn_remote_code(cfg)
@@ -295,6 +343,14 @@ def build_model(
         apply_gradient_checkpointing(model)
     if job.lora.enabled:
         model = apply_lora(model, job.lora)
+    if cfg.compile and (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        # Measured on CPU: ZeRO-3 swaps each parameter between its empty partition and the
+        # gathered tensor, so dynamo's shape guards fail and it recompiles until its limit.
+        log.warning(
+            "model.compile: skipped under ZeRO-3 (partitioned parameters change shape); use stage 0-2"
+        )
+    elif cfg.compile:
+        apply_compile(model)
     if cfg.loss == "chunked":
         enable_chunked_loss(model)  # before deepspeed.initialize: ZeRO-3 hooks the modules then
     return model

@@ -72,6 +72,7 @@ from trainer.ds_config import (
 )
 from trainer.errors import ConfigError, DataError, DstrainError
 from trainer.flops import ParamCounts, flops_per_token, head_dim, param_counts, peak_tflops_for
+from trainer.jsonl import read_jsonl
 
 GB = 1e9
 USABLE_FRACTION = 0.9
@@ -311,8 +312,7 @@ def measured_tokens_per_s(run_dir: Path) -> float:
     if not path.is_file():
         raise ConfigError(f"--metrics {run_dir}: no metrics.jsonl there")
     rates = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_jsonl(path).records:  # a torn last line (a full disk) is left out
         if record.get("tokens_per_s"):
             rates.append(float(record["tokens_per_s"]))
     if not rates:

@@ -173,7 +173,11 @@ def test_the_committed_templates_are_what_their_table_says_as_deepspeed_reads_th
             (zero.offload_param, offload_params),
         ):
             if offloaded:
-                assert section is not None and getattr(section.device, "value", section.device) == "cpu" and section.pin_memory, name
+                assert (
+                    section is not None
+                    and getattr(section.device, "value", section.device) == "cpu"
+                    and section.pin_memory
+                ), name
             else:
                 assert section is None or getattr(section.device, "value", section.device) == "none", name
         if offload_optimizer:

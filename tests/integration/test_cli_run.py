@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.faults import runs as runs_lib
 from tests.helpers import TINY_OVERRIDES, make_docs, write_parquet
 from tests.launch import DSTRAIN, run_group
 
@@ -195,37 +196,22 @@ def best_runs(tmp_path_factory, tiny_tokenizer_dir, short_docs):
     model (evals at 9 and 12 are worse), so the best checkpoint is an early one that keep_last
     1 would prune. The first 6 steps again with the parameters offloaded to the CPU."""
     root = tmp_path_factory.mktemp("best")
-    recipe = {
-        "stage": "pretrain",
-        "tokenizer": str(tiny_tokenizer_dir),
-        "model": {"overrides": dict(TINY_OVERRIDES)},
-        "data": {
-            "train": [str(short_docs[0])],
-            "max_seq_len": 64,
-            "buffer_size": 64,
-            "validation_fraction": 0.1,
-            "eval_max_batches": 4,
-        },
-        "optim": {"lr": 3.0e-3},
+    sections = {
+        "data": {"train": [str(short_docs[0])], "validation_fraction": 0.1, "eval_max_batches": 4},
         "schedule": {"name": "constant", "warmup_steps": 0},
         "train": {
-            "micro_batch_size": 4,
-            "grad_accum": 1,
             "max_steps": BEST_STEPS // 2,
-            "log_every": 1,
             "eval_every": 3,
             "save_every": 3,
             "keep_last": 1,
             "keep_best": True,
         },
         "zero": {"stage": 3},
-        "log": {"plot": False},
     }
     wreck = ["--resume", "latest", "--train.max_steps", str(BEST_STEPS), "--optim.lr", "2.0"]
     runs = {}
     for name, extra in (("plain", []), ("offload", ["--zero.offload_params", "true"])):
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**recipe, "output_dir": str(root / name)}))
+        path = runs_lib.make_recipe(root, tiny_tokenizer_dir, name, **sections)
         proc = run_group([str(DSTRAIN), "run", str(path), "--gpus", "2", *extra], cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         runs[name] = (root / name, path)

@@ -34,6 +34,7 @@ from trainer.config import JobConfig, build_config
 from trainer.ds_config import resolve_precision
 from trainer.errors import ConfigError, DataError, DstrainError
 from trainer.flops import flops_per_token, lora_counts_for, param_counts, peak_tflops_for
+from trainer.jsonl import read_jsonl
 from trainer.planner import (  # noqa: F401  (re-exported: the memory model's public names)
     CHUNK_BYTES,
     CHUNKED_MODEL_TYPES,
@@ -115,8 +116,7 @@ def measured_tokens_per_s(run_dir: Path) -> float:
     if not path.is_file():
         raise ConfigError(f"--metrics {run_dir}: no metrics.jsonl there")
     rates = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_jsonl(path).records:  # a torn last line (a full disk) is left out
         if record.get("tokens_per_s"):
             rates.append(float(record["tokens_per_s"]))
     if not rates:

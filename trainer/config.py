@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from trainer.config_base import ConfigBase, opt, unknown_key_message
-from trainer.data.config import DataConfig
+from trainer.data.config import SUPERVISED_FORMATS, DataConfig
 from trainer.errors import ConfigError
 
 Stage = Literal["pretrain", "cpt", "sft"]
@@ -267,6 +267,14 @@ class JobConfig(ConfigBase):
                 setattr(self, name, cls())
         if self.stage in ("cpt", "sft") and not self.model.name_or_path:
             raise ConfigError(f"stage {self.stage} starts from pretrained weights: set --model.name_or_path")
+        if self.stage == "sft" and not self.data.supervised:
+            # Without a prompt/response split every token is a target: that is continued
+            # pretraining (which takes lora.* too), not SFT, and would train on the prompts.
+            raise ConfigError(
+                f"stage sft with --data.format {self.data.format} has no prompt to mask and would train "
+                f"on every token: set --data.format to one of {', '.join(SUPERVISED_FORMATS)} (the loss is on "
+                "the responses only), or use --stage cpt to train on whole documents (LoRA works there too)"
+            )
         if self.model.name_or_path and self.model.overrides:
             raise ConfigError(
                 "--model.overrides changes an architecture, and pretrained weights (model.name_or_path) "

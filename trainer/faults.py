@@ -9,7 +9,8 @@ action, the rank it hits, the point in the code and optionally the optimizer ste
 - ``kill_rank0_in_eval:8``    SIGKILL rank 0 half-way through the eval at step 8;
 - ``nan_rank1_in_step:5``     make rank 1's loss NaN in the step that becomes step 5;
 - ``nan_rank1_in_step:5x3``   the same three times (a skipped step is tried again as step 5);
-- ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step's forward (CPU tests);
+- ``oom_rank0_in_step:3``     raise torch.OutOfMemoryError in that step, as the model's first
+  forward returns its logits (activations allocated, backward not begun: CPU tests);
 - ``sleep_rank0_in_eval``     a 2 s pause inside every eval (a slow eval);
 - ``hang_rank1_in_plan:3``    a 12 s stall before step 3's agreement (a stuck rank);
 - ``oldtorch_rank1_at_start`` rank 1 reports torch 0.0.0 in the start-up version check.
@@ -55,5 +56,33 @@ def fault(point: str, step: int, rank: int) -> str | None:
             os.kill(os.getpid(), signal.SIGTERM)
         if action in ("sleep", "hang"):
             time.sleep(SLEEP_S if action == "sleep" else HANG_S)
+        if action == "oom":
+            oom_after_next_forward(step)
+            return "oom armed"  # raised by the model's forward, not by the caller
         return action
     return None
+
+
+def oom_after_next_forward(step: int) -> None:
+    """Raise torch.OutOfMemoryError when the next outermost module call (the engine's forward,
+    with the model's inside it) returns: inside the step's real forward, activations allocated,
+    as a real OOM in the head or the loss would. Global module hooks track the nesting depth."""
+    import torch
+    from torch.nn.modules import module as nn_module
+
+    depth = [0]
+
+    def enter(module: object, args: object) -> None:
+        depth[0] += 1
+
+    def leave(module: object, args: object, output: object) -> None:
+        depth[0] -= 1
+        if depth[0] > 0:
+            return
+        entered.remove()
+        left.remove()
+        log.warning("fault injection: out of memory after the forward of step %d", step)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by DSTRAIN_FAULT after the forward)")
+
+    entered = nn_module.register_module_forward_pre_hook(enter)
+    left = nn_module.register_module_forward_hook(leave)

@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.callback import Callback
 from trainer.dist import DistInfo, all_reduce_max, all_reduce_sum
 from trainer.flops import mfu
+from trainer.jsonl import keep_through_step
 
 log = logging.getLogger("dstrain")
 
@@ -121,32 +123,6 @@ class MetricRecorder:
         return {n: None if math.isnan(v) else v for n, v in out.items()}
 
 
-class Callback:
-    """Hooks the Trainer calls on every rank; each callback carries one side effect."""
-
-    def on_train_start(self, trainer: Any) -> None: ...
-
-    def pre_step(self, trainer: Any) -> None: ...
-
-    def post_step(self, trainer: Any, plan: Any, result: Any, compute_s: float) -> None: ...
-
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None: ...
-
-    def pre_eval(self, trainer: Any) -> None: ...
-
-    def post_eval(self, trainer: Any) -> None: ...
-
-    def on_eval(self, trainer: Any, record: dict[str, Any]) -> None: ...
-
-    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None: ...
-
-    def pre_save(self, trainer: Any) -> None: ...
-
-    def post_save(self, trainer: Any) -> None: ...
-
-    def on_train_end(self, trainer: Any) -> None: ...
-
-
 # ---------------------------------------------------------------------------------- measurements
 
 
@@ -232,15 +208,8 @@ class MetricsFile(Callback):
 
     def on_train_start(self, trainer: Any) -> None:
         """Drop records past the step training starts from (a killed run may have logged beyond
-        its last checkpoint), so the file always reads as one consistent run."""
-        if not self.path.is_file():
-            return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= trainer.state.step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        its last checkpoint) and a torn last line (a full disk), so the file reads as one run."""
+        keep_through_step(self.path, trainer.state.step)
 
     def _write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:

@@ -12,7 +12,6 @@ sees half a picture. matplotlib runs headless (Agg) and is imported only when dr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import DataError, DstrainError
+from trainer.jsonl import read_jsonl
 
 DEFAULT_SMOOTHING = 0.6
 METRICS_FILE = "metrics.jsonl"
@@ -51,13 +51,7 @@ def read_metrics(run: str | Path, name: str | None = None) -> RunMetrics:
     if not path.is_file():
         raise DataError(f"{run}: no {METRICS_FILE} there; pass a run's output_dir")
     metrics = RunMetrics(name or (path.parent.name if path.name == METRICS_FILE else path.stem))
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path} line {number}: not JSON; was the file cut short?") from None
+    for record in read_jsonl(path).records:  # a torn last line (a full disk) is left out
         step = record.get("step")
         if step is None:
             continue

@@ -3,14 +3,15 @@ grad accumulation does not change the step, and the HF export reproduces the eng
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.workers.common import global_rows, padded_batch, tiny_job
+from tests.distributed.workers.common import global_rows, padded_batch
 from tests.helpers import REPO, tiny_model
 from tests.launch import read_results, run_ranks
-from trainer.optim import build_optimizer, make_scheduler
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -29,13 +30,36 @@ def reference():
     return reference_losses()
 
 
+# tiny_job's optimizer and schedule, written out here so the reference shares no code with
+# dstrain's optim.py: AdamW at lr 3e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on the
+# matrices only, clipping at 1.0; 3 warmup steps, then cosine to 0.1 of the peak at STEPS.
+LR, BETAS, EPS, WEIGHT_DECAY, MAX_NORM = 3e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
+WARMUP, FLOOR = 3, 0.1
+
+
+def reference_lr(step: int) -> float:
+    """The lr of the update at 0-based ``step``: linear warmup from LR/3, then half a cosine."""
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    progress = (step - WARMUP) / (STEPS - WARMUP)
+    return LR * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def reference_losses() -> tuple[list[float], list[float]]:
-    """A plain single-process torch loop over the same global batches (both ranks' rows):
-    the losses and the gradient norms before clipping."""
-    job = tiny_job(stage=0, micro=2, accum=2, steps=STEPS)
+    """A plain single-process torch loop over the same global batches (both ranks' rows), with
+    torch.optim.AdamW and the lr set by hand each step: the losses and the gradient norms
+    before clipping."""
     model = tiny_model(seed=0)
-    optimizer = build_optimizer(model, job.optim)
-    scheduler = make_scheduler(optimizer, STEPS, job.schedule)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+    )
     losses, norms = [], []
     for step in range(STEPS):
         rows = [r for rank_rows in global_rows(step, WORLD, 4) for r in rank_rows]
@@ -51,9 +75,10 @@ def reference_losses() -> tuple[list[float], list[float]]:
         )
         optimizer.zero_grad()
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM)))
+        for group in optimizer.param_groups:
+            group["lr"] = reference_lr(step)
         optimizer.step()
-        scheduler.step()
         losses.append(loss.item())
     return losses, norms
 

@@ -65,11 +65,15 @@ def test_too_many_nan_steps_stop_the_run_naming_the_last_good_checkpoint(root, t
 
 
 def test_out_of_memory_is_one_line_with_what_to_try(root, tiny_tokenizer_dir):
+    """Rank 1 runs out of memory inside step 3's real forward, as the model returns its logits
+    (rank 0 goes on into the backward and its reductions): one line with what to try, no
+    traceback, exit 2."""
     name = "oom"
     recipe = runs.make_recipe(root, tiny_tokenizer_dir, name, train={"max_steps": 10, "save_every": 0})
     code, out = runs.run(recipe, env={"DSTRAIN_FAULT": "oom_rank1_in_step:3"})
     assert code == 2, out[-4000:]
     errors = error_lines(out)
+    assert "[rank1]" in out and "out of memory after the forward of step 3" in out, out[-4000:]
     assert errors and "rank 1 ran out of memory at step 3: micro-batch 2 x 64 tokens" in errors[0], errors
     assert "--train.micro_batch_size 1 --train.grad_accum 4" in errors[0] and "--zero.stage 3" in errors[0]
     assert "Traceback" not in out

@@ -8,6 +8,7 @@ bad row deep in a file), and a fixed rerun with `--resume auto` in the same outp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,7 @@ def work(tmp_path_factory, tiny_tokenizer_dir):
     (bad / "empty.jsonl").write_bytes(b"")
     (bad / "gbk.jsonl").write_bytes('{"text": "中文维基百科"}\n'.encode("gbk"))
     (bad / "notes.txt").write_text("text\n")
+    (bad / "list.jsonl").write_text("[1, 2]\n")
     write_json_records(bad / "no_output.jsonl", [{"instruction": "hi", "answer": "x"}], lines=True)
     (bad / "not_a_tokenizer").mkdir()
     (bad / "not_a_tokenizer" / "README.md").write_text("nothing here\n")
@@ -77,6 +79,8 @@ CASES = [
     ("non-utf8-json", ["{recipe}", "--data.train", "[{bad}/gbk.jsonl]"], "gbk.jsonl: not UTF-8"),
     ("unknown-suffix", ["{recipe}", "--data.train", "[{bad}/notes.txt]"], "notes.txt"),
     ("missing-validation", ["{recipe}", "--data.validation", "[{bad}/val.parquet]"], "--data.validation"),
+    ("json-not-an-object", ["{recipe}", "--data.train", "[{bad}/list.jsonl]"], "list.jsonl record 0"),
+    ("sft-text-format", ["{cpt}", "--stage", "sft"], "--data.format text"),
     (
         "sft-missing-field",
         ["{recipe}", "--data.train", "[{bad}/no_output.jsonl]", "--data.format", "alpaca"],
@@ -127,8 +131,44 @@ def test_a_bad_input_is_one_line_exit_2_and_leaves_no_output_dir(work, args, cul
     assert not (root / "run").exists() and not (root / "cpt").exists(), "a failed start leaves no output_dir"
 
 
-def test_the_sweep_has_at_least_twenty_cases():
-    assert len({c[0] for c in CASES}) == len(CASES) >= 20
+def test_the_sweep_reaches_every_refusal_the_preflight_has(work, monkeypatch):
+    """Every ``raise`` in launcher/preflight.py (found in its source) is reached by at least one
+    case, run in-process through ``launcher.cli.main`` with the same arguments: a new pre-flight
+    check without a case here fails this test. Nothing is launched (exec_command refuses)."""
+    import ast
+    import sys
+
+    import launcher.cli
+    import launcher.preflight
+
+    source = Path(launcher.preflight.__file__)
+    raises = {n.lineno for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Raise)}
+    reached: set[int] = set()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename != str(source):
+            return None
+        if event == "line" and frame.f_lineno in raises:
+            reached.add(frame.f_lineno)
+        return tracer
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a bad-input case got as far as the launch")
+
+    root, paths = work
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(launcher.cli, "exec_command", no_launch)
+    codes = {}
+    sys.settrace(tracer)
+    try:
+        for name, args, _ in CASES:
+            codes[name] = launcher.cli.main(["run", *(a.format(**paths) for a in args)])
+    finally:
+        sys.settrace(None)
+    assert set(codes.values()) == {2}, codes
+    missing = sorted(raises - reached)
+    lines = source.read_text().splitlines()
+    assert not missing, "no case reaches: " + "; ".join(f"line {n}: {lines[n - 1].strip()}" for n in missing)
 
 
 def test_a_bad_row_found_by_the_ranks_is_one_line_and_a_fixed_rerun_resumes_auto(

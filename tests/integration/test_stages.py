@@ -96,7 +96,7 @@ def test_lora_run_writes_a_peft_adapter_and_merges_offline(root):
     path, _ = stage_recipe(
         root,
         "lora",
-        "sft",
+        "cpt",
         lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         optim={"lr": 1e-2},
         train={"max_steps": 4, "save_every": 4},

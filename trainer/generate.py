@@ -138,19 +138,24 @@ class Samples(Callback):
         synced = bool(engine.zero_optimization_partition_weights()) and trainer.dist.world_size > 1
         was_training = model.training
         model.eval()
+        # Generate in the training precision: bf16 runs keep fp32 parameters and 16-bit matmuls
+        # under DeepSpeed's autocast (flash-attention refuses fp32 inputs).
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
         try:
-            texts = [
-                generate(
-                    model,
-                    self.tokenizer,
-                    prompt,
-                    self.max_new_tokens,
-                    self.seed + 1000 * record["step"] + i,
-                    synced,
-                    self.blank,
-                )
-                for i, prompt in enumerate(self.prompts)
-            ]
+            with autocast_if_enabled(engine):
+                texts = [
+                    generate(
+                        model,
+                        self.tokenizer,
+                        prompt,
+                        self.max_new_tokens,
+                        self.seed + 1000 * record["step"] + i,
+                        synced,
+                        self.blank,
+                    )
+                    for i, prompt in enumerate(self.prompts)
+                ]
         finally:
             model.train(was_training)
         if not trainer.dist.is_main:

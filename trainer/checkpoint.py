@@ -477,7 +477,8 @@ class Checkpointer:
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         for name, part in self.shared.items():
-            part.load_state_dict(meta["parts"][name])
+            if name in meta["parts"]:  # a part newer than the checkpoint (tracker run ids) starts fresh
+                part.load_state_dict(meta["parts"][name])
 
         cache: dict[int, dict[str, Any]] = {}
 

@@ -8,11 +8,14 @@ run's config, and the eval samples as text. Rank 0 only.
 (``trackers`` in trainer_state.json) and are reopened on resume (wandb ``id`` + ``resume="allow"``,
 SwanLab ``id`` + ``resume="allow"``, the same MLflow run id; TensorBoard keeps its directory).
 Steps logged after the checkpoint and before a crash appear once: TensorBoard's events are
-purged from the checkpoint's step on (``purge_step``: the resumed run overwrites them); the
-others keep what they were sent, and the ledger ``<output_dir>/trackers.json`` (the last step
-each tracker was sent, per record kind) tells the resumed run which steps to skip. A resumed run
-computes the same losses (the checkpoint contract), so the kept values are the ones
-metrics.jsonl ends up with; only timings (tokens/s) differ.
+purged from the checkpoint's step on (``purge_step``: the resumed run overwrites them); SwanLab
+and MLflow keep what they were sent, and the ledger ``<output_dir>/trackers.json`` (the last step
+each tracker was sent, per record kind) tells the resumed run which steps to skip; wandb online
+skips what its server reports holding (``run.step``); wandb offline writes its file every 15 s,
+so after a kill -9 nothing tells what the killed session kept: the resumed session sends the
+whole history again from metrics.jsonl, and ``wandb sync`` (steps must increase) keeps each step
+once. A resumed run computes the same losses (the checkpoint contract), so kept values are the
+ones metrics.jsonl ends up with; only timings (tokens/s) differ.
 
 **A tracker never stops training.** A missing package, a bad key or an unreachable server is
 one warning at start naming the tracker and the fix, and the others go on; an error while
@@ -51,9 +54,13 @@ class Reporter:
     name = ""
     #: True when ``start`` drops what the run logged after ``step`` (then nothing is skipped).
     rewinds = False
-    #: True when a step's values are only written once a later step is logged (wandb's rows):
-    #: the ledger then keeps the open step, which a resumed run sends again (no gap after a crash).
-    commits_late = False
+    #: The last step the tracker's own store reports holding after ``start`` (a resumed wandb
+    #: run online); None when it cannot tell, and the ledger decides.
+    holds_through: int | None = None
+    #: True when a resumed session cannot tell what the crashed one kept (wandb offline: its
+    #: file is written every 15 s, and a kill -9 loses the rest): it gets the whole history
+    #: again from metrics.jsonl, and ``wandb sync`` keeps each step once (steps must increase).
+    replays = False
 
     def __init__(self, output_dir: Path, project: str | None, run_name: str, config: dict[str, Any]):
         self.output_dir = output_dir
@@ -111,7 +118,6 @@ class WandbReporter(Reporter):
     ``<output_dir>/wandb`` unless WANDB_DIR says otherwise."""
 
     name = "wandb"
-    commits_late = True
 
     def start(self, run_id: str | None, step: int) -> str:
         import wandb
@@ -126,6 +132,11 @@ class WandbReporter(Reporter):
             dir=None if os.environ.get("WANDB_DIR") else str(self.output_dir),
             reinit="create_new",
         )
+        if run_id is not None and self.run.settings._offline:
+            self.replays = True
+        elif run_id is not None:
+            # The server's view after a crash: its next step (rows it never got are sent again).
+            self.holds_through = self.run.step - 1
         return self.run.id
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -263,7 +274,6 @@ class Reporters(Callback):
         self.run_ids: dict[str, str] = {}
         self.active: dict[str, Reporter] = {}
         self.skip_through: dict[str, dict[str, int]] = {}
-        self.reopen: dict[str, int | None] = {}  # a step the crashed run had not written yet
         self.sent: dict[str, dict[str, Any]] = {}
 
     # -- checkpoint part --------------------------------------------------------------------
@@ -311,9 +321,14 @@ class Reporters(Callback):
                 if step and sent.get("run_id") == run_id and not reporter.rewinds
                 else {}
             )
+            if reporter.replays:  # the whole history again: nothing to skip
+                kept = {}
+            elif reporter.holds_through is not None:  # the tracker knows better than the ledger
+                kept = dict.fromkeys(("train", "eval", "samples", "epoch"), reporter.holds_through)
             self.skip_through[name] = {kind: max(step, last) for kind, last in kept.items()}
-            self.reopen[name] = sent.get("open") if kept else None
-            self.sent[name] = {"run_id": run_id, "steps": dict(kept), "open": None}
+            self.sent[name] = {"run_id": run_id, "steps": dict(kept)}
+            if reporter.replays:
+                self._replay(name, step)
         if self.active:
             log.info("reporting to %s", ", ".join(f"{n} (run {self.run_ids[n]})" for n in self.active))
 
@@ -344,12 +359,10 @@ class Reporters(Callback):
         if not self.active:
             return
         for name in list(self.active):
-            if step <= self.skip_through[name].get(kind, -1) and step != self.reopen[name]:
+            if step <= self.skip_through[name].get(kind, -1):
                 continue
             if self._call(name, action):
                 self.sent[name]["steps"][kind] = step
-                if self.active[name].commits_late:
-                    self.sent[name]["open"] = step
         self._write_ledger()
 
     def _call(self, name: str, action: Any) -> bool:
@@ -368,6 +381,17 @@ class Reporters(Callback):
             except Exception:  # already broken: its close may fail too
                 pass
             return False
+
+    def _replay(self, name: str, step: int) -> None:
+        """metrics.jsonl's records up to ``step`` (the checkpoint's) to one tracker, in order."""
+        path = self.output_dir / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        records = [json.loads(line) for line in lines if line.strip()]
+        for record in records:
+            if record["step"] <= step and not self._call(
+                name, lambda r, rec=record: r.log(scalars(rec), rec["step"])
+            ):
+                return
 
     def _samples(self, step: int) -> list[dict[str, Any]]:
         """This eval's samples, as the Samples callback (which runs first) wrote them."""

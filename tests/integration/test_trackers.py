@@ -70,12 +70,14 @@ def leveldb_log(path: Path):
                 yield pending
 
 
-def wandb_losses(root: Path) -> tuple[set[str], list[tuple[int, float]]]:
-    """The run ids and (step, loss) rows of every offline session under ``root/wandb``."""
+def wandb_sessions(root: Path) -> tuple[set[str], list[list[tuple[int, float]]]]:
+    """The run ids, and the (step, loss) rows of each offline session under ``root/wandb`` in
+    the order they ran (one directory per attempt)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    ids, rows = set(), []
+    ids, sessions = set(), []
     for path in sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
+        rows = []
         for blob in leveldb_log(path):
             record = pb.Record()
             record.ParseFromString(blob)
@@ -88,7 +90,19 @@ def wandb_losses(root: Path) -> tuple[set[str], list[tuple[int, float]]]:
                 }
                 if "loss" in items:
                     rows.append((items["_step"], items["loss"]))
-    return ids, rows
+        sessions.append(rows)
+    return ids, sessions
+
+
+def as_synced(sessions: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """What ``wandb sync`` of the sessions into one run keeps: a run's steps must increase, and
+    wandb drops a row whose step is not above the run's last one."""
+    kept: list[tuple[int, float]] = []
+    for rows in sessions:
+        for step, value in rows:
+            if not kept or step > kept[-1][0]:
+                kept.append((step, value))
+    return kept
 
 
 def swanlab_losses(root: Path) -> tuple[set[str], list[tuple[int, float]]]:
@@ -150,8 +164,12 @@ def test_four_trackers_keep_one_run_across_kill9_and_resume(tmp_path, tiny_token
 
     losses = {step: r["loss"] for step, r in sorted(runs.metrics(out).items())}
     assert list(losses) == list(range(1, 13))
+    # wandb writes its offline file every 15 s, so the killed session kept what it had written;
+    # the resumed one (offline: it cannot tell what that was) sends the whole history again.
+    wandb_ids, sessions = wandb_sessions(out)
+    assert len(sessions) == 2 and [s for s, _ in sessions[-1]] == list(range(1, 13)), sessions
     for tracker, (ids, rows) in {
-        "wandb": wandb_losses(out),
+        "wandb": (wandb_ids, as_synced(sessions)),
         "swanlab": swanlab_losses(out),
         "mlflow": mlflow_losses(out),
     }.items():

@@ -8,13 +8,14 @@ run's config, and the eval samples as text. Rank 0 only.
 (``trackers`` in trainer_state.json) and are reopened on resume (wandb ``id`` + ``resume="allow"``,
 SwanLab ``id`` + ``resume="allow"``, the same MLflow run id; TensorBoard keeps its directory).
 Steps logged after the checkpoint and before a crash appear once: TensorBoard's events are
-purged from the checkpoint's step on (``purge_step``: the resumed run overwrites them); SwanLab
-and MLflow keep what they were sent, and the ledger ``<output_dir>/trackers.json`` (the last step
+purged from the checkpoint's step on (``purge_step``: the resumed run overwrites them); MLflow
+(written synchronously) keeps what it was sent, and the ledger ``<output_dir>/trackers.json`` (the last step
 each tracker was sent, per record kind) tells the resumed run which steps to skip; wandb online
 skips what its server reports holding (``run.step``); wandb offline writes its file every 15 s,
 so after a kill -9 nothing tells what the killed session kept: the resumed session sends the
 whole history again from metrics.jsonl, and ``wandb sync`` (steps must increase) keeps each step
-once. A resumed run computes the same losses (the checkpoint contract), so kept values are the
+once; SwanLab, which also writes in the background, is replayed the same way (its duplicate-step
+guard keeps the first of each step). A resumed run computes the same losses (the checkpoint contract), so kept values are the
 ones metrics.jsonl ends up with; only timings (tokens/s) differ.
 
 **A tracker never stops training.** A missing package, a bad key or an unreachable server is
@@ -171,6 +172,10 @@ class SwanlabReporter(Reporter):
             log_dir=None if os.environ.get("SWANLAB_LOG_DIR") else str(self.output_dir / "swanlog"),
             reinit=True,
         )
+        # SwanLab writes its records in the background: after a kill -9 nothing tells what the
+        # killed session kept, so a resumed one gets the whole history again (SwanLab's
+        # duplicate-step guard keeps each step once when it syncs or resumes).
+        self.replays = run_id is not None
         return self.run.id
 
     def log(self, values: dict[str, float], step: int) -> None:

@@ -106,6 +106,8 @@ def as_synced(sessions: list[list[tuple[int, float]]]) -> list[tuple[int, float]
 
 
 def swanlab_losses(root: Path) -> tuple[set[str], list[tuple[int, float]]]:
+    """The run ids, and the (step, loss) rows of the sessions under ``root/swanlog`` as SwanLab
+    merges them into one run (its duplicate-step guard keeps the first value of a step)."""
     from swanlab.proto.swanlab.record.v1.record_pb2 import Record
     from swanlab.sdk.internal.core_python.store import DataStoreReader
 
@@ -120,7 +122,8 @@ def swanlab_losses(root: Path) -> tuple[set[str], list[tuple[int, float]]]:
             if kind == "start":
                 ids.add(record.start.id)
             elif kind == "scalar" and record.scalar.key == "loss":
-                rows.append((record.scalar.step, record.scalar.value.number))
+                if record.scalar.step not in {step for step, _ in rows}:
+                    rows.append((record.scalar.step, record.scalar.value.number))
         reader.close()
     return ids, rows
 

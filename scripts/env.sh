@@ -21,8 +21,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     echo "[env] installing ${DSTRAIN_TORCH:-torch==2.13.0}"
     quiet python -m pip install "${DSTRAIN_TORCH:-torch==2.13.0}"
   fi
-  echo "[env] installing dstrain and its dependencies (log: $LOG)"
-  quiet python -m pip install -e ".[dev]"
+  echo "[env] installing dstrain, its dependencies and the trackers (log: $LOG)"
+  quiet python -m pip install -e ".[dev,track]"
   echo "[env] building DeepSpeed's CPU ops (first time on a machine: about 2 minutes)"
   quiet python scripts/build_ops.py
   touch "$STAMP"

@@ -737,6 +737,10 @@ class Checkpointer:
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         for name, part in self.shared.items():
+            if name not in meta["parts"] and getattr(part, "optional_in_checkpoint", False):
+                continue  # a part newer than the checkpoint (tracker run ids) starts fresh
+            if name not in meta["parts"]:
+                raise CheckpointError(f"{path} has no {name!r} state; resume from a checkpoint this dstrain wrote")
             part.load_state_dict(meta["parts"][name])
 
         cache: dict[int, dict[str, Any]] = {}

@@ -18,13 +18,15 @@ from typing import Any, Literal
 
 import yaml
 
-from trainer.config_base import ConfigBase, opt, unknown_key_message
+from trainer.config_base import ConfigBase, opt, suggest, unknown_key_message
 from trainer.data.config import SUPERVISED_FORMATS, DataConfig
 from trainer.errors import ConfigError
 
 Stage = Literal["pretrain", "cpt", "sft"]
 STAGES: tuple[str, ...] = ("pretrain", "cpt", "sft")
 RECIPES_DIR = Path(__file__).parent / "recipes"
+#: The experiment trackers ``log.report_to`` knows (trainer/reporters.py).
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "swanlab", "mlflow")
 
 
 @dataclass
@@ -226,7 +228,18 @@ class LogConfig(ConfigBase):
     """Where progress and metrics go (rank 0 only)."""
 
     progress: bool = opt(True, "Show a rich progress display on rank 0 (off when not a terminal).")
-    tensorboard: bool = opt(False, "Also write TensorBoard events to <output_dir>/tb (needs [track]).")
+    report_to: list[str] = opt(
+        list,
+        "Experiment trackers to send the metrics.jsonl records to (rank 0): any of tensorboard, wandb, "
+        "swanlab, mlflow (each needs its package: the [track] extra); one tracker run across --resume.",
+    )
+    tensorboard: bool = opt(False, "Same as adding tensorboard to report_to (events in <output_dir>/tb).")
+    project: str | None = opt(
+        None,
+        "Tracker project (MLflow experiment); null = the tracker's own variable (WANDB_PROJECT, "
+        "SWANLAB_PROJ_NAME, MLFLOW_EXPERIMENT_NAME), else 'dstrain'.",
+    )
+    run_name: str | None = opt(None, "Run name in the trackers; null = the name of output_dir.")
     plot: bool = opt(True, "Write <output_dir>/loss_curve.png at the end.")
     sample_prompts: list[str] = opt(
         list, "Prompts to continue at every eval; the texts go to <output_dir>/samples.jsonl and the log."
@@ -241,6 +254,22 @@ class LogConfig(ConfigBase):
     library_logs: bool = opt(
         False, "Show DeepSpeed's and transformers' own start-up, op-build and progress messages (rank 0)."
     )
+
+    def __post_init__(self) -> None:
+        chosen = [name.lower() for name in self.report_to if name.lower() != "none"]
+        for name in chosen:
+            if name not in TRACKERS:
+                hint = suggest(name, list(TRACKERS))
+                raise ConfigError(
+                    f"--log.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
+                    + (f" (did you mean {hint}?)" if hint else "")
+                )
+        self.report_to = list(dict.fromkeys(chosen))
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to, with tensorboard when ``log.tensorboard`` is on (its older spelling)."""
+        return list(dict.fromkeys([*self.report_to, *(["tensorboard"] if self.tensorboard else [])]))
 
 
 @dataclass

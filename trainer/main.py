@@ -89,6 +89,7 @@ def run(
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
     from trainer.planner import plan_for_ranks
+    from trainer.reporters import reporters_of
     from trainer.signals import PREEMPTED_EXIT_CODE
     from trainer.tokenizer import load_tokenizer
     from trainer.train_module import TrainModule
@@ -127,6 +128,7 @@ def run(
                 job.train.micro_batch_size, job.train.grad_accum, dist.world_size, job.data.max_seq_len
             )
         )
+    callbacks = callbacks_for(job, dist, total_steps, console, engine.module.config, tokenizer)
     trainer = Trainer(
         job,
         dist,
@@ -134,14 +136,14 @@ def run(
         train_data,
         eval_batches,
         total_steps,
-        callbacks_for(job, dist, total_steps, console, engine.module.config, tokenizer),
+        callbacks,
         preemption=preemption,
     )
     trainer.checkpointer = ckpt.Checkpointer(
         job.output_dir,
         dist,
         engine,
-        shared={"trainer": trainer.state},
+        shared={"trainer": trainer.state, "trackers": reporters_of(callbacks)},  # tracker run ids
         per_rank={"data": train_data, "rng": ckpt.RNGState()},
         keep_last=job.train.keep_last,
         write_extras=lambda path: write_checkpoint_extras(path, job, engine, tokenizer),

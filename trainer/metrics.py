@@ -1,4 +1,5 @@
-"""Side effects of training, as callbacks: logs, metrics.jsonl, progress, TensorBoard, the PNG,
+"""Side effects of training, as callbacks: logs, metrics.jsonl, progress, the PNG, the trackers
+(``trainer.reporters``),
 and the measurements (throughput, memory) that go into each logged record.
 
 Callbacks run on every rank. A callback measures on its own rank and records a metric with a
@@ -281,29 +282,6 @@ class Progress(Callback):
             self.handler.console = None
 
 
-class TensorBoard(Callback):
-    """TensorBoard scalars under <output_dir>/tb (needs the [track] extra)."""
-
-    SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "data_wait_s")
-
-    def __init__(self, logdir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(logdir))
-
-    def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        for key in self.SCALARS:
-            if record.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
-
-    def on_eval(self, trainer: Any, record: dict[str, Any]) -> None:
-        self.writer.add_scalar("eval/loss", record["eval_loss"], record["step"])
-        self.writer.add_scalar("eval/ppl", record["eval_ppl"], record["step"])
-
-    def on_train_end(self, trainer: Any) -> None:
-        self.writer.close()
-
-
 class LossCurve(Callback):
     """loss_curve.png from metrics.jsonl at the end (``trainer.plots``: train loss raw and
     smoothed, eval loss, lr on a second axis); ``dstrain plot`` draws the same from any run."""
@@ -349,6 +327,11 @@ def callbacks_for(
 
         path = Path(job.output_dir) / "samples.jsonl"
         callbacks.append(Samples(job.log.sample_prompts, job.log.sample_tokens, tokenizer, path, job.seed))
+    from trainer.reporters import Reporters
+
+    # On every rank, as every rank loads its checkpoint part (the run ids); after Samples, whose
+    # texts it reports; only rank 0 opens tracker runs.
+    callbacks.append(Reporters(job, dist))
     if not dist.is_main:
         return callbacks
     out = Path(job.output_dir)
@@ -356,8 +339,6 @@ def callbacks_for(
     callbacks.append(MetricsFile(metrics))
     if job.log.progress and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
         callbacks.append(Progress(total_steps, console_handler))
-    if job.log.tensorboard:
-        callbacks.append(TensorBoard(out / "tb"))
     if job.log.plot:
         callbacks.append(LossCurve(metrics, out / "loss_curve.png"))
     return callbacks

@@ -387,7 +387,7 @@ def test_eval_and_estimate(tmp_path, tok):
 
 
 def test_ignore_index_is_one_constant():
-    """No bare -100 in trainer/: labels that take no loss use packing.IGNORE_INDEX, defined once."""
+    """No bare -100 in trainer/: labels that take no loss use trainer.labels.IGNORE_INDEX, defined once."""
     found = []
     for path in sorted((REPO / "trainer").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -396,7 +396,7 @@ def test_ignore_index_is_one_constant():
             operand = node.operand if negative else node.right if minus else None
             if isinstance(operand, ast.Constant) and operand.value == 100:
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert len(found) == 1 and found[0].startswith("trainer/data/packing.py:"), found
+    assert len(found) == 1 and found[0].startswith("trainer/labels.py:"), found
 
 
 # ---------------------------------------------------------------------------------- real samples

@@ -83,7 +83,7 @@ def test_a_recipe_naming_only_pretrained_weights_is_sized_by_their_config(tmp_pa
     adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     recipe = write_recipe(
         tmp_path / "lora.yaml",
-        f"stage: sft\nmodel: {{name_or_path: {weights}}}\n"
+        f"stage: sft\ndata: {{format: alpaca}}\nmodel: {{name_or_path: {weights}}}\n"
         "lora: {enabled: true, r: 16, target_modules: [q_proj, v_proj]}\n",
     )
     report = run_estimate(capsys, recipe, "--gpus", "8", "--gpu-mem", "80", "--no-data")

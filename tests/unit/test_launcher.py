@@ -147,7 +147,7 @@ def test_dry_run_on_gpus_uses_bf16_and_every_visible_device(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
     assert main(["run", str(recipe), "--dry-run", "--zero.offload_optimizer", "true"]) == 0
     ds = json.loads((recipe.parent / "run" / "ds_config.json").read_text())
-    assert ds["bf16"]["enabled"] is True
+    assert ds["torch_autocast"]["dtype"] == "bfloat16"  # bf16: autocast over fp32 parameters
     assert ds["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
     cmd = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     assert cmd[cmd.index("--nproc-per-node") + 1] == "4"  # --gpus defaults to all visible
@@ -323,7 +323,7 @@ def test_ds_config_command_prints_json(
     assert main(argv) == 0
     ds = json.loads(capsys.readouterr().out)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["fp16"]["enabled"] is True and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["torch_autocast"]["dtype"] == "float16" and ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
 
 

@@ -109,17 +109,17 @@ class FiniteAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
             self.overflow = False
             return None
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         self._global_grad_norm = norm
         self.overflow = not bool(torch.isfinite(norm))  # the step's one host sync (see above)
         if self.overflow:
             return None
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, norm, foreach=True)
+        if self.max_grad_norm > 0:  # takes the parameters (it scales their .grad)
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
         return super().step(closure)
 
 

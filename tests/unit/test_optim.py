@@ -85,3 +85,38 @@ def test_muon_takes_exactly_the_attention_and_mlp_matrices_and_decay_skips_1d():
     assert any("norm" in names[id(p)] for p in groups[1]["params"])
     assert groups[1]["weight_decay"] == 0.0
     assert not math.isnan(groups[0]["weight_decay"])
+
+
+def test_zero0_adamw_clips_like_torch_clip_grad_norm_then_adamw():
+    """FiniteAdamW (what ZeRO-0 steps: it clips itself, DeepSpeed's clipping is off there)
+    against torch's clip_grad_norm_ + a single-tensor AdamW: same weights after two steps."""
+    from tests.helpers import tiny_model
+    from trainer.config import OptimConfig
+    from trainer.optim import FiniteAdamW, param_groups
+
+    cfg = OptimConfig(lr=3e-3, weight_decay=0.1, max_grad_norm=0.5)
+    ids = torch.randint(1, 120, (4, 20), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for ours in (True, False):
+        model = tiny_model(seed=0)
+        groups = param_groups(model, cfg)
+        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        optimizer = (
+            FiniteAdamW(groups, max_grad_norm=cfg.max_grad_norm, fused=True, **kwargs)
+            if ours
+            else torch.optim.AdamW(groups, foreach=False, **kwargs)
+        )
+        norms = []
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            if not ours:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+            optimizer.step()
+            if ours:
+                norms.append(float(optimizer._global_grad_norm))
+            optimizer.zero_grad()
+        weights.append((torch.cat([p.detach().flatten() for p in model.parameters()]), norms))
+    (ours_w, ours_norms), (ref_w, ref_norms) = weights
+    assert ref_norms[0] > cfg.max_grad_norm, "the case must clip"
+    assert ours_norms == pytest.approx(ref_norms, rel=1e-5)
+    assert (ours_w - ref_w).abs().max() <= 1e-6

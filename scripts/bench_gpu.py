@@ -197,8 +197,8 @@ def local_step(module: Any, batches: list[dict[str, Any]]) -> tuple[float, int]:
 
 def predicted_bytes(job: Any, config: Any, precision: str, chunked: bool) -> float:
     """What ``dstrain estimate`` predicts for this case on one GPU (model states + buffers + activations)."""
-    from launcher.estimate import Layout, activation_memory, buffer_bytes, model_states
     from trainer.flops import param_counts
+    from trainer.planner import Layout, activation_memory, buffer_bytes, model_states
 
     counts = param_counts(config)
     layout = Layout(job.zero.stage)
@@ -251,8 +251,11 @@ def shared_setup(spec: dict[str, Any]) -> dict[str, Any]:
 
     dist = DistInfo.from_env()
     on_gpu = dist.device.startswith("cuda")
+    from trainer.planner import plan_for_ranks
+
     job = bench_job(spec)
     precision = resolve_precision(job.model.dtype, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    job = plan_for_ranks(job, dist, precision)  # the recipes' auto settings, as the trainer resolves them
     tokenizer = load_tokenizer(job.tokenizer_path)
     return {
         "dist": dist,

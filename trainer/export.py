@@ -65,8 +65,17 @@ def consolidated_state_dict(engine: Any, trainable_only: bool = False) -> dict[s
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def save_hf(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write safetensors + config + generation config + tokenizer into ``<out>.tmp``, then rename."""
+def save_hf(
+    model: Any,
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write safetensors + config + generation config + tokenizer into ``<out>.tmp``, then rename.
+    ``dtype``: cast the floating-point weights (and say so in config.json) first."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(out_dir)
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
@@ -75,12 +84,14 @@ def save_hf(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir:
         )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    use_cache = model.config.use_cache
+    use_cache, config_dtype = model.config.use_cache, getattr(model.config, "dtype", None)
     model.config.use_cache = True  # exported for inference
+    if dtype is not None:
+        model.config.dtype = dtype
     try:
         model.save_pretrained(tmp, state_dict=state)
     finally:
-        model.config.use_cache = use_cache
+        model.config.use_cache, model.config.dtype = use_cache, config_dtype
     tokenizer.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)
@@ -116,13 +127,24 @@ def save_adapter(model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out
     return out
 
 
-def export_live(engine: Any, tokenizer: Any, out_dir: str | Path, dist: DistInfo, adapter: bool) -> Path:
-    """Collective export of the live engine (rank 0 writes): the whole model as an HF directory,
-    or with ``adapter`` a LoRA run's adapter in peft format."""
+def export_live(
+    engine: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    dist: DistInfo,
+    adapter: bool,
+    precision: str | None = None,
+) -> Path:
+    """Collective export of the live engine (rank 0 writes): the whole model as an HF directory
+    in the run's ``precision`` (bf16 trains fp32 parameters under autocast, so the live weights
+    are fp32), or with ``adapter`` a LoRA run's adapter in peft format."""
     state = consolidated_state_dict(engine, trainable_only=adapter)
     if dist.is_main:
         assert state is not None
-        (save_adapter if adapter else save_hf)(engine.module, state, tokenizer, out_dir)
+        if adapter:
+            save_adapter(engine.module, state, tokenizer, out_dir)
+        else:
+            save_hf(engine.module, state, tokenizer, out_dir, DTYPES.get(precision or "", None))
         what = (
             "the LoRA adapter (load it with PeftModel.from_pretrained)"
             if adapter

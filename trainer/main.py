@@ -165,7 +165,7 @@ def run(
                 "stopped by a signal after saving step %d; exit %d", trainer.state.step, PREEMPTED_EXIT_CODE
             )
             return PREEMPTED_EXIT_CODE
-    export_final(job, engine, tokenizer, dist, fresh=trainer.state.last_save_step != resumed_at)
+    export_final(job, engine, tokenizer, dist, precision, fresh=trainer.state.last_save_step != resumed_at)
     return 0
 
 
@@ -180,13 +180,15 @@ def write_checkpoint_extras(path: Path, job: JobConfig, engine: object, tokenize
         engine.module.peft_config["default"].save_pretrained(str(path / ADAPTER_CONFIG))
 
 
-def export_final(job: JobConfig, engine: object, tokenizer: object, dist: DistInfo, fresh: bool) -> Path:
+def export_final(
+    job: JobConfig, engine: object, tokenizer: object, dist: DistInfo, precision: str, fresh: bool
+) -> Path:
     """``<output_dir>/hf/`` (or ``adapter/`` for LoRA): written after training, or when missing."""
     from trainer.export import export_live
 
     out = Path(job.output_dir) / ("adapter" if job.lora.enabled else "hf")
     if fresh or not out.is_dir():
-        export_live(engine, tokenizer, out, dist, adapter=job.lora.enabled)
+        export_live(engine, tokenizer, out, dist, adapter=job.lora.enabled, precision=precision)
     return out
 
 

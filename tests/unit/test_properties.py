@@ -56,7 +56,7 @@ trees = st.dictionaries(
 def as_typed(value: object) -> str:
     """``value`` as a user would type it on the command line: one line of YAML."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True)
-    return text.removesuffix("\n").removesuffix("\n...").strip()
+    return text.removesuffix("\n").removesuffix("\n...").strip("\n ")  # str.strip() would eat U+00A0
 
 
 def leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:

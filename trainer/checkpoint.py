@@ -299,21 +299,22 @@ def read_meta(path: Path) -> dict[str, Any]:
 def check_zero_stage(path: Path, zero_stage: int) -> None:
     """An error, before anything is built, for a ``zero.stage`` change DeepSpeed cannot load.
 
-    ZeRO-0 keeps the optimizer state whole, which DeepSpeed cannot re-shard. ZeRO-3 names its
-    model-state files per rank (``zero_pp_rank_R_mp_rank_00_model_states.pt``) where ZeRO-1/2
-    write one ``mp_rank_00_model_states.pt``, and DeepSpeed 0.19.8's universal load looks for
-    the file names of the stage it loads into (tried: 2 -> 3 fails in ``load_checkpoint``), so
-    the ZeRO-3 boundary is not crossed either. Between 1 and 2, and to any world size within a
-    stage, the universal format carries it (:func:`needs_universal`)."""
+    DeepSpeed's ZeRO-0 engine loads no universal checkpoint, so nothing sharded goes back to
+    ZeRO-0. ZeRO-3 names its model-state files per rank
+    (``zero_pp_rank_R_mp_rank_00_model_states.pt``) where ZeRO-0/1/2 write one
+    ``mp_rank_00_model_states.pt``, and DeepSpeed 0.19.8's universal load looks for the file
+    names of the stage it loads into (tried: 2 -> 3 fails in ``load_checkpoint``), so the ZeRO-3
+    boundary is not crossed either. From 0 to 1 or 2, between 1 and 2, and to any world size
+    within a stage, the universal format carries it (:func:`needs_universal`)."""
     saved_stage = int(read_meta(path)["zero_stage"])
-    if saved_stage == zero_stage:
+    if saved_stage == zero_stage or (saved_stage == 0 and zero_stage in (1, 2)):
         return
-    if saved_stage == 0 or zero_stage == 0 or 3 in (saved_stage, zero_stage):
+    if zero_stage == 0 or 3 in (saved_stage, zero_stage):
         why = (
-            "DeepSpeed cannot re-shard a ZeRO-0 optimizer state"
-            if 0 in (saved_stage, zero_stage)
+            "DeepSpeed's ZeRO-0 engine cannot load a sharded optimizer state"
+            if zero_stage == 0
             else "DeepSpeed's universal format (dstrain ckpt to-universal) converts across world "
-            "sizes and between ZeRO 1 and 2, not across ZeRO-3's per-rank files"
+            "sizes and from ZeRO 0 to 1 or 2, not across ZeRO-3's per-rank files"
         )
         raise CheckpointError(
             f"{path} was saved with zero.stage {saved_stage} and this run uses {zero_stage}: {why}; "
@@ -325,12 +326,15 @@ def check_zero_stage(path: Path, zero_stage: int) -> None:
 def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
     """Whether loading ``path`` into this run needs DeepSpeed's universal format: ZeRO-1/2/3
     shards are laid out for one world size and stage. A ZeRO-0 checkpoint holds the whole model
-    and optimizer in one file that any world size loads as it is. A stage change that cannot be
-    loaded at all is an error (:func:`check_zero_stage`)."""
+    and optimizer in one file that a ZeRO-0 run of any world size loads as it is; a ZeRO-1/2 run
+    loads it sharded (:mod:`trainer.zero0_universal`). A stage change that cannot be loaded at
+    all is an error (:func:`check_zero_stage`)."""
     check_zero_stage(path, zero_stage)
     meta = read_meta(path)
     saved_world, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
-    return saved_stage != 0 and (saved_world != world_size or saved_stage != zero_stage)
+    if saved_stage == 0:
+        return zero_stage != 0
+    return saved_world != world_size or saved_stage != zero_stage
 
 
 def saved_config(path: Path) -> JobConfig:
@@ -345,7 +349,8 @@ def to_universal(ckpt: Path, out: Path) -> Path:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
     if int(read_meta(ckpt)["zero_stage"]) == 0:
         raise CheckpointError(
-            f"{ckpt} is a ZeRO-0 checkpoint: it loads on any world size as it is, no conversion needed"
+            f"{ckpt} is a ZeRO-0 checkpoint: a zero.stage 0 run of any world size loads it as it "
+            "is, and a --resume at zero.stage 1 or 2 converts it itself"
         )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -371,12 +376,19 @@ def to_universal(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def prepare_universal(path: Path, dist: DistInfo) -> Path:
-    """``<ckpt>/universal``, converted once by rank 0 while the others wait (collective)."""
+def prepare_universal(path: Path, dist: DistInfo, group_names: list[list[str]]) -> Path:
+    """``<ckpt>/universal``, converted once by rank 0 while the others wait (collective).
+    ``group_names``: the optimizer groups' parameter names, which a ZeRO-0 save needs
+    (:mod:`trainer.zero0_universal`)."""
     target = path / "universal"
     if dist.is_main and not (target / "zero").is_dir():
         log.warning("converting %s to a universal checkpoint for %d rank(s)", path, dist.world_size)
-        to_universal(path, target)
+        if int(read_meta(path)["zero_stage"]) == 0:
+            from trainer.zero0_universal import zero0_to_universal
+
+            zero0_to_universal(path, target, group_names)
+        else:
+            to_universal(path, target)
     barrier(dist)
     return target
 
@@ -736,11 +748,17 @@ class Checkpointer:
             ) from None
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
+        if universal:
+            from trainer.zero0_universal import step_on_param_device
+
+            step_on_param_device(self.engine.optimizer)
         for name, part in self.shared.items():
             if name not in meta["parts"] and getattr(part, "optional_in_checkpoint", False):
                 continue  # a part newer than the checkpoint (tracker run ids) starts fresh
             if name not in meta["parts"]:
-                raise CheckpointError(f"{path} has no {name!r} state; resume from a checkpoint this dstrain wrote")
+                raise CheckpointError(
+                    f"{path} has no {name!r} state; resume from a checkpoint this dstrain wrote"
+                )
             part.load_state_dict(meta["parts"][name])
 
         cache: dict[int, dict[str, Any]] = {}

@@ -88,6 +88,7 @@ def run(
     from trainer.loop import Trainer, total_steps_for
     from trainer.metrics import callbacks_for
     from trainer.model import build_model
+    from trainer.optim import param_group_names
     from trainer.planner import plan_for_ranks
     from trainer.reporters import reporters_of
     from trainer.signals import PREEMPTED_EXIT_CODE
@@ -116,7 +117,7 @@ def run(
     if not base_checked:  # a hub base that was not on this machine before build_model fetched it
         ckpt.check_base(resume_path, job)
     if resume_path is not None and ckpt.needs_universal(resume_path, dist.world_size, job.zero.stage):
-        ckpt.prepare_universal(resume_path, dist)
+        ckpt.prepare_universal(resume_path, dist, param_group_names(model, job.optim))
         ds_config["checkpoint"] = {"load_universal": True}
     engine = build_engine(job, model, ds_config, total_steps)
     if dist.is_main:

@@ -84,6 +84,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any
     return groups
 
 
+def param_group_names(model: torch.nn.Module, cfg: OptimConfig) -> list[list[str]]:
+    """The parameter names of each of :func:`param_groups`' groups, in the optimizer's order (a
+    torch optimizer's state is keyed by that position)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(model, cfg)]
+
+
 class FiniteAdamW(torch.optim.AdamW):
     """The ZeRO-0 AdamW: clips, skips a step whose gradients are not all finite, and says so.
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults import runs
+from tests.launch import run_group, spawn_cmd
 
 pytestmark = pytest.mark.distributed
 MAX_STEPS = 12
@@ -69,3 +70,30 @@ def test_a_zero_stage_change_on_resume_continues_or_is_one_line(tmp_path, tiny_t
     assert code == 0, out[-4000:]
     assert "to a universal checkpoint" in out, out[-4000:]
     assert_continues(runs.metrics(tmp_path / "to1"), want, range(7, MAX_STEPS + 1))
+
+
+def test_one_rank_zero2_trains_zero0_and_resumes_on_two_ranks_as_zero0_would(tmp_path, tiny_tokenizer_dir):
+    """``zero.stage 2`` on one rank trains DeepSpeed's ZeRO-0 engine (one partition saves
+    nothing) and says so; its ZeRO-0 checkpoint resumes on two ranks at ZeRO-2, converted to
+    the universal format, exactly as a ZeRO-0 resume that loads the same file natively: the
+    same losses within 1e-5 only if the weights, Adam's moments and its step all crossed over."""
+    train = {"max_steps": 8, "save_every": 4, "keep_last": 0}
+    one = runs.make_recipe(tmp_path, tiny_tokenizer_dir, "one", zero={"stage": 2}, train=train)
+    proc = run_group(spawn_cmd(1, runs.MAIN, ["--config", str(one), "--train.max_steps", "4"]))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "zero.stage 2 on one rank runs as zero.stage 0" in out, out[-4000:]
+    saved = tmp_path / "one" / "checkpoints" / "step_4"
+    assert json.loads((saved / "trainer_state.json").read_text())["zero_stage"] == 0
+    assert not list(saved.glob("*optim_states.pt")), "a ZeRO-0 save keeps the optimizer in the model states"
+
+    resumed = {}
+    for stage in (0, 2):
+        name = f"as{stage}"
+        recipe = runs.make_recipe(tmp_path, tiny_tokenizer_dir, name, zero={"stage": stage}, train=train)
+        cut_back(tmp_path / "one", tmp_path / name, 4)
+        code, out = runs.run(recipe, "--resume")
+        assert code == 0, out[-4000:]
+        resumed[stage] = runs.metrics(tmp_path / name)
+    assert "to a universal checkpoint" in out, out[-4000:]
+    assert_continues(resumed[2], resumed[0], range(5, 9))

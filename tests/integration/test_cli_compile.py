@@ -1,5 +1,6 @@
-"""`dstrain run --model.compile true` end to end on one CPU rank (ZeRO-2, the recipes' default):
-the run finishes, says compilation is on, and the layers compiled without falling back to eager."""
+"""`dstrain run --model.compile true` end to end on one CPU rank (the recipe's `zero.stage: 2`,
+which one rank runs as ZeRO-0): the run finishes, says compilation is on, and the layers
+compiled without falling back to eager."""
 
 from __future__ import annotations
 

@@ -109,7 +109,9 @@ def test_pretokenized_data_every_resume_form_and_the_offline_tools(root, tiny_to
     assert all(c["complete"] for c in listed["checkpoints"])
 
     code, log = dstrain("ckpt", "to-universal", out / "checkpoints" / "step_9", cwd=root)
-    assert code == 2 and "ZeRO-0 checkpoint: it loads on any world size as it is" in log, log[-3000:]
+    assert code == 2 and "ZeRO-0 checkpoint: a zero.stage 0 run of any world size loads it as it is" in log, (
+        log[-3000:]
+    )
 
     code, log = dstrain("export", out, root / "tok_export", cwd=root)
     assert code == 0, log[-3000:]
@@ -146,8 +148,9 @@ def test_a_one_rank_zero1_run_grows_to_two_ranks(root, tiny_tokenizer_dir):
 
 
 def test_a_bf16_run_exports_bf16_by_default(root, tiny_tokenizer_dir):
-    """bf16 (DeepSpeed's bf16 path runs on the CPU), ZeRO-2: `dstrain export CKPT OUT` writes
-    bf16, as the run's own hf/ does, and both give the same logits."""
+    """bf16 (DeepSpeed's autocast runs on the CPU), one rank (its `zero.stage: 2` runs as ZeRO-0):
+    `dstrain export CKPT OUT` writes bf16, as the run's own hf/ does, and both give the same
+    logits."""
     name = "bf16"
     out = root / name
     recipe = runs.make_recipe(

@@ -1,5 +1,6 @@
 """What `--resume` and `dstrain export` check before they load a checkpoint, through the
-commands a user types (`dstrain run`, `dstrain export`), on a real 1-rank LoRA run (ZeRO-2, CPU):
+commands a user types (`dstrain run`, `dstrain export`), on a real 1-rank LoRA run (its
+`zero.stage: 2` runs as ZeRO-0 on one rank; CPU):
 
 - a pickle that would run code is refused with one line naming the file and the global, and
   never runs; `--trust-checkpoint` loads a foreign but harmless global;

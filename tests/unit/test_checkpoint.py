@@ -266,7 +266,7 @@ def test_a_save_failure_is_a_full_disk_only_when_the_disk_is_full(tmp_path):
     assert "lost contact with the other ranks" in str(checkpointer._save_error(10, path, cases["peer"]))
 
 
-@pytest.mark.parametrize("saved, now", [(3, 1), (2, 3), (0, 2), (1, 0)])
+@pytest.mark.parametrize("saved, now", [(3, 1), (2, 3), (0, 3), (1, 0)])
 def test_a_zero_stage_change_deepspeed_cannot_load_is_one_line(tmp_path, saved, now):
     from trainer.checkpoint import STATE_VERSION, check_zero_stage, needs_universal
 
@@ -282,6 +282,9 @@ def test_a_zero_stage_change_deepspeed_cannot_load_is_one_line(tmp_path, saved, 
         assert needs_universal(tmp_path, world_size=2, zero_stage=3 - saved) is True  # 1 <-> 2
     assert needs_universal(tmp_path, world_size=2, zero_stage=saved) is False
     assert needs_universal(tmp_path, world_size=3, zero_stage=saved) is (saved != 0)
+    if saved == 0:  # a ZeRO-0 save loads sharded into ZeRO-1/2 (trainer/zero0_universal.py)
+        assert needs_universal(tmp_path, world_size=2, zero_stage=1) is True
+        assert needs_universal(tmp_path, world_size=2, zero_stage=2) is True
 
 
 def test_a_full_disk_in_the_middle_of_a_save_is_an_enospc_oserror(tmp_path, monkeypatch):

@@ -45,7 +45,12 @@ def ref_flash_attn_varlen_func(
     VARLEN_CALLS.append(cu_seqlens_q.tolist())
     assert isinstance(max_seqlen_q, int), "max_length must come from the host, not a device tensor"
     bounds = cu_seqlens_q.tolist()
-    return torch.cat([_attend(q[a:b], k[a:b], v[a:b], causal, softmax_scale) for a, b in zip(bounds, bounds[1:])])
+    return torch.cat(
+        [
+            _attend(q[a:b], k[a:b], v[a:b], causal, softmax_scale)
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+    )
 
 
 @pytest.fixture
@@ -57,7 +62,9 @@ def reference_flash_kernels(monkeypatch):
     monkeypatch.setattr(fa_utils, "_pad_fn", fa_utils._pad_input)
     monkeypatch.setattr(fa_utils, "_unpad_fn", fa_utils._unpad_input)
     monkeypatch.setattr(
-        fa_utils, "_process_flash_kwargs_fn", fa_utils._lazy_define_process_function(ref_flash_attn_varlen_func)
+        fa_utils,
+        "_process_flash_kwargs_fn",
+        fa_utils._lazy_define_process_function(ref_flash_attn_varlen_func),
     )
     VARLEN_CALLS.clear()
 
@@ -78,7 +85,7 @@ def segments(batch) -> list[tuple[int, int, int]]:
     for r in range(batch["input_ids"].size(0)):
         pos = batch["position_ids"][r].tolist()
         starts = [t for t, p in enumerate(pos) if p == 0] + [len(pos)]
-        out += [(r, a, b) for a, b in zip(starts, starts[1:])]
+        out += [(r, a, b) for a, b in zip(starts, starts[1:], strict=False)]
     return out
 
 
@@ -160,7 +167,12 @@ def test_padded_batches_go_padding_free_under_flash():
     mask = (ids != 0).long()
     mask[1, 0] = 1
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": torch.arange(5).expand(3, 5)}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "position_ids": torch.arange(5).expand(3, 5),
+    }
     feed = build_feed(batch, "cpu", "flash_attention_2")
     assert feed.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4, 5]]
     assert feed.inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 10]
@@ -180,9 +192,12 @@ def test_targets_are_found_on_the_host():
     """The index of the loss positions is built from the CPU labels (no device read-back)."""
     batch = packed_batch()
     feed = build_feed(batch, "cpu", "sdpa")
-    expected = (torch.cat([batch["labels"][:, 1:], torch.full((ROWS, 1), IGNORE_INDEX)], 1) != IGNORE_INDEX)
+    expected = torch.cat([batch["labels"][:, 1:], torch.full((ROWS, 1), IGNORE_INDEX)], 1) != IGNORE_INDEX
     assert feed.target_count == int(expected.sum())
-    assert feed.target_index is not None and feed.target_index.tolist() == expected.reshape(-1).nonzero().squeeze(1).tolist()
+    assert (
+        feed.target_index is not None
+        and feed.target_index.tolist() == expected.reshape(-1).nonzero().squeeze(1).tolist()
+    )
 
 
 def test_kernels_that_cannot_keep_documents_apart_are_known():

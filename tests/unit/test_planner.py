@@ -131,3 +131,23 @@ def test_a_resume_on_another_world_size_keeps_the_stage_and_replans_the_micro_ba
     resumed, lines = plan_auto(auto, Hardware(2, 2, None, 2), "fp32", saved=first)
     assert (resumed.zero.stage, resumed.train.micro_batch_size, resumed.train.grad_accum) == (0, 6, 2)
     assert any("kept the checkpoint's zero.stage 0" in line for line in lines)
+
+
+def test_zero_1_and_2_on_one_rank_run_as_zero_0_unless_something_needs_their_engine():
+    """One partition saves nothing, and DeepSpeed's ZeRO-1/2 engine keeps a second fp32 copy
+    of the weights (tests/distributed/test_precision.py measures 16 against 20 bytes a
+    parameter): a fixed stage 1 or 2 on one rank becomes 0, and the log says why."""
+    for stage in (1, 2):
+        fixed = JobConfig.from_dict({"tokenizer": "unused", "zero": {"stage": stage}})
+        planned, lines = plan_auto(fixed, Hardware(1, 1, 80 * GB, 16), "bf16")
+        assert planned.zero.stage == 0
+        assert any(f"zero.stage {stage} on one rank runs as zero.stage 0" in line for line in lines)
+        several, lines = plan_auto(fixed, Hardware(2, 2, 80 * GB, 16), "bf16")
+        assert several.zero.stage == stage and not any("one rank" in line for line in lines)
+        # a resume of a checkpoint the ZeRO-1/2 engine wrote: only that engine loads its files
+        kept, _ = plan_auto(fixed, Hardware(1, 1, 80 * GB, 16), "bf16", saved=fixed)
+        assert kept.zero.stage == stage
+    offload = JobConfig.from_dict({"tokenizer": "unused", "zero": {"stage": 2, "offload_optimizer": True}})
+    assert plan_auto(offload, Hardware(1, 1, 80 * GB, 16), "bf16")[0].zero.stage == 2
+    muon = JobConfig.from_dict({"tokenizer": "unused", "zero": {"stage": 1}, "optim": {"name": "muon"}})
+    assert plan_auto(muon, Hardware(1, 1, 80 * GB, 16), "bf16")[0].zero.stage == 1

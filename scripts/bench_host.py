@@ -10,9 +10,15 @@ Cases (``--cases``, default all):
 
     hf-fp32, hf-bf16          HF Trainer's step (``adamw_torch_fused``, clipping 1.0; ``bf16=True``
                               for bf16, i.e. autocast), timed between its ``on_step_end`` callbacks
-    zeroN-fp32, zeroN-bf16    dstrain's step, N = 0, 1, 2: ``build_ds_config`` -> ``build_model`` ->
+    zeroN-fp32, zeroN-bf16    dstrain's step with ``zero.stage: N``, N = 0, 1, 2: the planner
+                              (``plan_auto``) -> ``build_ds_config`` -> ``build_model`` ->
                               ``build_engine`` (a real DeepSpeed engine, one gloo rank) ->
-                              ``TrainModule.train_step``, exactly as the trainer builds them
+                              ``TrainModule.train_step``, exactly as the trainer builds them. On
+                              one rank the planner runs ZeRO-1/2 as ZeRO-0 (one partition saves
+                              nothing: ``trainer.planner.one_rank_stage``)
+    dsN-fp32, dsN-bf16        DeepSpeed's partitioned ZeRO-N engine (N = 1, 2), built on one rank
+                              as it is on several (the planner skipped): the host work each rank
+                              of a multi-GPU ZeRO-1/2 run does, less the communication
 
 Each case runs beside a bare torch loop in the same process, one step of each in turn, and each
 step is timed as process CPU time (``time.process_time``): whole runs on a shared 2-core machine
@@ -63,11 +69,14 @@ VOCAB = 512
 SEQ_LEN = 32
 LR, WEIGHT_DECAY, BETAS, EPS, CLIP, WARMUP_STEPS = 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0, 2
 PRECISIONS = ("fp32", "bf16")
-CASES = tuple(f"{system}-{p}" for system in ("hf", "zero0", "zero1", "zero2") for p in PRECISIONS)
+CASES = tuple(
+    f"{system}-{p}" for system in ("hf", "zero0", "zero1", "zero2", "ds1", "ds2") for p in PRECISIONS
+)
 # Issue 16's acceptance bounds (dstrain host time / bare loop's).
-TARGETS = {"zero0": 1.10, "zero1": 1.10, "zero2": 1.25}
+TARGETS = {"zero0": 1.10, "zero1": 1.10, "zero2": 1.25, "ds1": 1.10, "ds2": 1.25}
 # Measured 2026-12-06 on today's code (before issue 16's changes), fp32 / bf16 (issue 16's figures).
 ISSUE_FIGURES = {"hf": (1.07, 1.03), "zero0": (1.48, 1.31), "zero1": (1.39, 1.23), "zero2": (1.76, 1.43)}
+ISSUE_FIGURES.update(ds1=ISSUE_FIGURES["zero1"], ds2=ISSUE_FIGURES["zero2"])
 
 
 def batch(steps: int) -> list[dict[str, Any]]:
@@ -190,14 +199,16 @@ class VocabOnly:
 
 
 def dstrain_stepper(
-    zero: int, precision: str, total_steps: int, workdir: str
+    zero: int, precision: str, total_steps: int, workdir: str, planned: bool = True
 ) -> Callable[[dict[str, Any]], Any]:
-    """dstrain's step, built through the functions the trainer uses."""
+    """dstrain's step, built through the functions the trainer uses (``planned=False``: the
+    ZeRO stage as given, without the planner's one-rank rule)."""
     from trainer.config import build_config
     from trainer.dist import DistInfo
     from trainer.ds_config import build_ds_config
     from trainer.engine import build_engine
     from trainer.model import build_model
+    from trainer.planner import local_hardware, plan_auto
     from trainer.train_module import TrainModule, target_count
 
     job = build_config(
@@ -216,6 +227,8 @@ def dstrain_stepper(
             "zero": {"stage": zero},
         }
     )
+    if planned:
+        job, _ = plan_auto(job, local_hardware(1, 1, None), precision)
     ds_config = build_ds_config(job, precision, on_gpu=False)
     model = build_model(job, VocabOnly(), precision, False, ds_config)
     engine = build_engine(job, model, ds_config, total_steps)
@@ -292,7 +305,8 @@ def run_case(name: str, args: argparse.Namespace, workdir: str) -> dict[str, Any
     if system == "hf":
         times = paired_hf(precision, bare, batches, args.warmup, workdir)
     else:
-        case = dstrain_stepper(int(system[-1]), precision, len(batches), workdir)
+        planned = system.startswith("zero")
+        case = dstrain_stepper(int(system[-1]), precision, len(batches), workdir, planned)
         times = paired(case, bare, batches, args.warmup)
     ratios = [c / b for c, b in zip(times["case"], times["bare"], strict=True)]
     extra = {}

@@ -128,6 +128,14 @@ def zero_block(job: JobConfig, on_gpu: bool) -> dict[str, Any]:
     ``overlap_comm`` overlaps gradient reduction with backward on separate CUDA streams, so it
     is on for ZeRO-2/3 on GPUs only; on CPU (gloo) it buys nothing. Pinned host memory needs
     CUDA, so ``pin_memory`` follows ``on_gpu``.
+
+    ``contiguous_gradients`` is off at ZeRO-1/2 without offload: at ZeRO-2 it copies every gradient, one Python call chain
+    and one copy per parameter inside the gradient hook, into a preallocated bucket buffer
+    (against fragmentation). That is the largest host cost of DeepSpeed's ZeRO-2 step:
+    scripts/bench_host.py measured DeepSpeed's partitioned ZeRO-2 at 1.51x / 1.39x a bare
+    loop's host time (fp32 / bf16) with it and 1.26x / 1.20x without (docs/benchmarks.md).
+    Without it a bucket is flattened once when it is reduced, and gradients are allocated as in
+    a bare loop; ZeRO-1 never used it. ZeRO-3 and optimizer offload keep it (not measured).
     """
     zero = job.zero
     out: dict[str, Any] = {"stage": zero.stage}
@@ -135,7 +143,7 @@ def zero_block(job: JobConfig, on_gpu: bool) -> dict[str, Any]:
         return out
     out.update(
         overlap_comm=on_gpu and zero.stage >= 2,
-        contiguous_gradients=zero.stage >= 2,
+        contiguous_gradients=zero.stage == 3 or zero.offload_optimizer,
         # DeepSpeed's ZeRO-3 refuses Muon with reduce-scatter: Muon needs whole gradients.
         reduce_scatter=not (job.optim.name == "muon" and zero.stage == 3),
         reduce_bucket_size=REDUCE_BUCKET_SIZE,

@@ -4,19 +4,39 @@ One :class:`Reporter` per tracker, fed by the :class:`Reporters` callback with w
 metrics.jsonl gets (the same keys and values, at the record's step), the resolved recipe as the
 run's config, and the eval samples as text. Rank 0 only.
 
-**One tracker run across ``--resume``.** The run ids are a stateful part of every checkpoint
-(``trackers`` in trainer_state.json) and are reopened on resume (wandb ``id`` + ``resume="allow"``,
-SwanLab ``id`` + ``resume="allow"``, the same MLflow run id; TensorBoard keeps its directory).
-Steps logged after the checkpoint and before a crash appear once: TensorBoard's events are
-purged from the checkpoint's step on (``purge_step``: the resumed run overwrites them); MLflow
-(written synchronously) keeps what it was sent, and the ledger ``<output_dir>/trackers.json`` (the last step
-each tracker was sent, per record kind) tells the resumed run which steps to skip; wandb online
-skips what its server reports holding (``run.step``); wandb offline writes its file every 15 s,
-so after a kill -9 nothing tells what the killed session kept: the resumed session sends the
-whole history again from metrics.jsonl, and ``wandb sync`` (steps must increase) keeps each step
-once; SwanLab, which also writes in the background, is replayed the same way (its duplicate-step
-guard keeps the first of each step). A resumed run computes the same losses (the checkpoint contract), so kept values are the
-ones metrics.jsonl ends up with; only timings (tokens/s) differ.
+**One tracker run across ``--resume``, each step once.** The run ids are a stateful part of
+every checkpoint (``trackers`` in trainer_state.json) and are reopened on resume (wandb ``id`` +
+``resume="allow"``, SwanLab ``id`` + ``resume="allow"``, the same MLflow run id; TensorBoard
+keeps its directory). A crashed session may have stored steps after the checkpoint, and may
+have lost the last seconds before the crash (wandb and SwanLab write in the background), so a
+resumed session first asks each tracker's store what it holds for the run (:meth:`Reporter.stored`:
+the last step per key) and then sends only what is not there: metrics.jsonl's records up to
+the checkpoint that the store lacks, then the live records after the ones it holds. That is what
+the trackers' servers do anyway (wandb and ``wandb sync`` drop a step that is not above the run's
+last one; SwanLab keeps the first value of a step), done before sending, so the local files that
+get synced also hold each step once. The stores:
+
+- wandb offline: every earlier session of the run id is a ``offline-run-*-<id>`` directory whose
+  ``run-<id>.wandb`` transaction log (LevelDB log records of wandb's protobuf ``Record``) holds the
+  history rows that its wandb-core flushed (every 15 s: ``x_transaction_log_flush_interval``); a
+  row is written whole once a later step begins, and a record torn by a kill fails its CRC and
+  ends the file. wandb-core runs in its own session, so a kill -9 of the training's process
+  group spares it, but it exits without flushing once its parent is gone (wandb 0.31): the
+  file does not grow after the resumed session read it. wandb online: the server's last step
+  (``run.step``).
+- SwanLab: every earlier session is a ``run-*-<id>`` directory of the log dir whose
+  ``run-<id>.swanlab`` (the same LevelDB log format) swanlab's own ``DataStoreReader`` reads up to
+  the first torn or damaged record (a kill -9 loses its unflushed buffer mid-record).
+- MLflow writes each ``log_batch`` as one transaction: the run's latest metrics (the last step
+  per key) and its ``samples/step_N.txt`` artifacts are what it holds.
+- TensorBoard: every session writes an event file in ``<output_dir>/tb``, flushed every 120 s
+  and before each checkpoint; TensorBoard's ``EventFileLoader`` reads the earlier ones up to a
+  record cut short. (Not ``purge_step``: the readers honour it unevenly. TensorBoard's plugin
+  accumulator ignores a first restart, and the legacy one keeps text, so the steps after the
+  checkpoint showed twice.)
+
+A resumed run computes the same losses (the checkpoint contract), so the values a store kept
+from the crashed session are the ones metrics.jsonl ends up with; only timings (tokens/s) differ.
 
 **A tracker never stops training.** A missing package, a bad key or an unreachable server is
 one warning at start naming the tracker and the fix, and the others go on; an error while
@@ -25,10 +45,17 @@ logging is one warning and that tracker is dropped.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
+import re
+import struct
 import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +73,29 @@ FIXES = {
     "swanlab": "run `swanlab login` or set SWANLAB_API_KEY, or SWANLAB_MODE=offline (or local)",
     "mlflow": "check MLFLOW_TRACKING_URI (a server that answers, or sqlite:///mlflow.db)",
 }
-LEDGER = "trackers.json"
+#: The key under which a store holds the eval samples (text).
+SAMPLES = "samples"
+
+
+@dataclass
+class Stored:
+    """What a tracker's store holds for a run: ``through`` for every key (a store rewound to
+    the checkpoint, a server that reports its last step), and the last step per key."""
+
+    through: int = 0
+    keys: dict[str, int] = field(default_factory=dict)
+
+    def last(self, key: str) -> int:
+        return max(self.through, self.keys.get(key, 0))
+
+    def add(self, key: str, step: int) -> None:
+        self.keys[key] = max(step, self.keys.get(key, 0))
 
 
 class Reporter:
     """One tracker's run. ``start`` opens it (or reopens ``run_id``) and returns its id."""
 
     name = ""
-    #: True when ``start`` drops what the run logged after ``step`` (then nothing is skipped).
-    rewinds = False
-    #: The last step the tracker's own store reports holding after ``start`` (a resumed wandb
-    #: run online); None when it cannot tell, and the ledger decides.
-    holds_through: int | None = None
-    #: True when a resumed session cannot tell what the crashed one kept (wandb offline: its
-    #: file is written every 15 s, and a kill -9 loses the rest): it gets the whole history
-    #: again from metrics.jsonl, and ``wandb sync`` keeps each step once (steps must increase).
-    replays = False
 
     def __init__(self, output_dir: Path, project: str | None, run_name: str, config: dict[str, Any]):
         self.output_dir = output_dir
@@ -71,6 +105,26 @@ class Reporter:
 
     def start(self, run_id: str | None, step: int) -> str:
         raise NotImplementedError
+
+    def stored(self, step: int) -> Stored:
+        """What the run's store already holds after ``start`` reopened it at checkpoint ``step``
+        (what earlier sessions of the run wrote, a crashed one's included): by default what
+        the local files of the earlier sessions hold."""
+        held = Stored()
+        for path in self.earlier_sessions():
+            for key, at in self.held_steps(path):
+                held.add(key, at)
+        return held
+
+    def earlier_sessions(self) -> list[Path]:
+        """The local files that this run's earlier sessions wrote, oldest first."""
+        return []
+
+    @staticmethod
+    def held_steps(path: Path) -> Iterator[tuple[str, int]]:
+        """(key, step) of each value that one session's file holds: whole records only (a
+        record that a kill cut short ends the file)."""
+        return iter(())
 
     def log(self, values: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -84,20 +138,31 @@ class Reporter:
 
 
 class TensorBoardReporter(Reporter):
-    """Scalars and sample text in ``<output_dir>/tb``; a resume purges the events after its step."""
+    """Scalars and sample text in ``<output_dir>/tb``, one event file per session."""
 
     name = "tensorboard"
-    rewinds = True
 
     def start(self, run_id: str | None, step: int) -> str:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard's readers drop the events at and after it that an earlier
-        # session wrote, so the resumed run's steps replace the crashed run's.
-        self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=step + 1 if step else None)
+        logdir = self.output_dir / "tb"
+        self.earlier = sorted(logdir.glob("events.out.tfevents.*"))  # the writer adds its own
+        self.writer = SummaryWriter(str(logdir))
         if not step:
             self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```", 0)
         return run_id or "tb"
+
+    def earlier_sessions(self) -> list[Path]:
+        return self.earlier
+
+    @staticmethod
+    def held_steps(path: Path) -> Iterator[tuple[str, int]]:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        # TensorBoard's own reader: a record cut short ends the file (it says so at debug level).
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                yield value.tag.removesuffix("/text_summary"), event.step
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -105,7 +170,7 @@ class TensorBoardReporter(Reporter):
 
     def text(self, samples: list[dict[str, Any]], step: int) -> None:
         rows = "\n".join(f"| {s['prompt']!r} | {s['text']!r} |" for s in samples)
-        self.writer.add_text("samples", "| prompt | text |\n|---|---|\n" + rows, step)
+        self.writer.add_text(SAMPLES, "| prompt | text |\n|---|---|\n" + rows, step)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -114,79 +179,133 @@ class TensorBoardReporter(Reporter):
         self.writer.close()
 
 
-class WandbReporter(Reporter):
+class SessionReporter(Reporter):
+    """A tracker whose ``init(project, name, id, resume, config, ...)`` opens a run that logs
+    with ``run.log(values, step=)`` and ends with ``run.finish()`` (wandb, SwanLab); each
+    session leaves a local LevelDB-log file."""
+
+    #: The package, and the variable its docs name for the project.
+    module = ""
+    project_env = ""
+
+    def init_args(self, run_id: str | None) -> dict[str, Any]:
+        """The tracker's own ``init`` arguments besides project, name, id and config."""
+        raise NotImplementedError
+
+    def start(self, run_id: str | None, step: int) -> str:
+        self.lib = importlib.import_module(self.module)
+        self.run = self.lib.init(
+            project=self.project or os.environ.get(self.project_env) or "dstrain",
+            name=self.run_name,
+            id=run_id,  # None: the tracker makes one
+            config=self.config,
+            **self.init_args(run_id),
+        )
+        return self.run.id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandbReporter(SessionReporter):
     """A W&B run (WANDB_MODE, WANDB_PROJECT, WANDB_DIR, WANDB_API_KEY respected); files under
     ``<output_dir>/wandb`` unless WANDB_DIR says otherwise."""
 
     name = "wandb"
+    module = "wandb"
+    project_env = "WANDB_PROJECT"
 
-    def start(self, run_id: str | None, step: int) -> str:
-        import wandb
+    def init_args(self, run_id: str | None) -> dict[str, Any]:
+        return {
+            "resume": "allow",
+            "dir": None if os.environ.get("WANDB_DIR") else str(self.output_dir),
+            "reinit": "create_new",
+        }
 
-        self.wandb = wandb
-        self.run = wandb.init(
-            project=self.project or os.environ.get("WANDB_PROJECT") or "dstrain",
-            name=self.run_name,
-            id=run_id,  # None: wandb makes one
-            resume="allow",
-            config=self.config,
-            dir=None if os.environ.get("WANDB_DIR") else str(self.output_dir),
-            reinit="create_new",
-        )
-        if run_id is not None and self.run.settings._offline:
-            self.replays = True
-        elif run_id is not None:
+    def stored(self, step: int) -> Stored:
+        if not self.run.settings._offline:
             # The server's view after a crash: its next step (rows it never got are sent again).
-            self.holds_through = self.run.step - 1
-        return self.run.id
+            return Stored(through=self.run.step - 1)
+        return super().stored(step)
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+    def earlier_sessions(self) -> list[Path]:
+        here = Path(self.run.settings.sync_dir)
+        found = here.parent.glob(f"offline-run-*-{self.run.id}/run-{self.run.id}.wandb")
+        return sorted(path for path in found if path.parent != here)
+
+    @staticmethod
+    def held_steps(path: Path) -> Iterator[tuple[str, int]]:
+        from wandb.proto import wandb_internal_pb2
+
+        for blob in leveldb_log(path):
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(blob)
+            except Exception:  # a CRC-clean record wandb's proto cannot read: not a row
+                continue
+            if record.WhichOneof("record_type") == "history":
+                # A logged key is ``nested_key[0]``; a Table (the samples) is several items
+                # under it (``samples``/``path``, ...).
+                keys = {item.key or item.nested_key[0] for item in record.history.item}
+                for key in sorted(keys):
+                    if not key.startswith("_"):  # _step, _runtime, _timestamp
+                        yield key, record.history.step.num
 
     def text(self, samples: list[dict[str, Any]], step: int) -> None:
-        table = self.wandb.Table(
+        table = self.lib.Table(
             columns=["step", "prompt", "text"], data=[[step, s["prompt"], s["text"]] for s in samples]
         )
-        self.run.log({"samples": table}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+        self.run.log({SAMPLES: table}, step=step)
 
 
-class SwanlabReporter(Reporter):
+class SwanlabReporter(SessionReporter):
     """A SwanLab experiment (SWANLAB_MODE, SWANLAB_PROJ_NAME, SWANLAB_LOG_DIR, SWANLAB_API_KEY
     respected); local files under ``<output_dir>/swanlog`` unless SWANLAB_LOG_DIR says otherwise."""
 
     name = "swanlab"
+    module = "swanlab"
+    project_env = "SWANLAB_PROJ_NAME"
 
-    def start(self, run_id: str | None, step: int) -> str:
-        import swanlab
+    def init_args(self, run_id: str | None) -> dict[str, Any]:
+        return {
+            "resume": "allow" if run_id else None,
+            "log_dir": None if os.environ.get("SWANLAB_LOG_DIR") else str(self.output_dir / "swanlog"),
+            "reinit": True,
+        }
 
-        self.swanlab = swanlab
-        self.run = swanlab.init(
-            project=self.project or os.environ.get("SWANLAB_PROJ_NAME") or "dstrain",
-            name=self.run_name,
-            id=run_id,
-            resume="allow" if run_id else None,
-            config=self.config,
-            log_dir=None if os.environ.get("SWANLAB_LOG_DIR") else str(self.output_dir / "swanlog"),
-            reinit=True,
-        )
-        # SwanLab writes its records in the background: after a kill -9 nothing tells what the
-        # killed session kept, so a resumed one gets the whole history again (SwanLab's
-        # duplicate-step guard keeps each step once when it syncs or resumes).
-        self.replays = run_id is not None
-        return self.run.id
+    def earlier_sessions(self) -> list[Path]:
+        here = Path(self.run.dir)
+        found = here.parent.glob(f"run-*-{self.run.id}/run-{self.run.id}.swanlab")
+        return sorted(path for path in found if path.parent != here)
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+    @staticmethod
+    def held_steps(path: Path) -> Iterator[tuple[str, int]]:
+        from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+        from swanlab.sdk.internal.core_python.store import DataStoreError, DataStoreReader
+
+        reader = DataStoreReader()
+        try:
+            reader.open(path)
+            # scan() rather than iterating: the iterator prints an error for a torn header.
+            while (blob := reader.scan()) is not None:
+                record = Record()
+                record.ParseFromString(blob)
+                kind = record.WhichOneof("record_type")
+                if kind in ("scalar", "media"):
+                    value = getattr(record, kind)
+                    yield value.key, value.step
+        except (OSError, AssertionError, DataStoreError):  # a header or record torn by a kill: the end
+            return
+        finally:
+            with contextlib.suppress(AssertionError):  # not opened
+                reader.close()
 
     def text(self, samples: list[dict[str, Any]], step: int) -> None:
-        texts = [self.swanlab.Text(s["text"], caption=s["prompt"]) for s in samples]
-        self.run.log({"samples": texts}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+        texts = [self.lib.Text(s["text"], caption=s["prompt"]) for s in samples]
+        self.run.log({SAMPLES: texts}, step=step)
 
 
 class MlflowReporter(Reporter):
@@ -221,6 +340,16 @@ class MlflowReporter(Reporter):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         return self.run_id
 
+    def stored(self, step: int) -> Stored:
+        held = Stored()
+        # The run's latest metrics: the last step of each key (sent in step order).
+        for metric in self.client.get_run(self.run_id).data.to_proto().metrics:
+            held.add(metric.key, metric.step)
+        for artifact in self.client.list_artifacts(self.run_id, SAMPLES):
+            if match := re.fullmatch(rf"{SAMPLES}/step_(\d+)\.txt", artifact.path):
+                held.add(SAMPLES, int(match.group(1)))
+        return held
+
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -229,7 +358,7 @@ class MlflowReporter(Reporter):
 
     def text(self, samples: list[dict[str, Any]], step: int) -> None:
         body = "\n\n".join(f"{s['prompt']}\n---\n{s['text']}" for s in samples)
-        self.client.log_text(self.run_id, body, f"samples/step_{step}.txt")
+        self.client.log_text(self.run_id, body, f"{SAMPLES}/step_{step}.txt")
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -265,6 +394,40 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def leveldb_log(path: Path) -> Iterator[bytes]:
+    """The whole records of a LevelDB-log file (wandb's ``.wandb`` transaction log: a 7-byte
+    file header, then 32 KiB blocks of chunks, each a 7-byte header (crc32 of type and bytes,
+    length, type) and its bytes; a record is one FULL chunk or FIRST, MIDDLE..., LAST). The first
+    chunk that is cut short or fails its checksum (a writer killed mid-write) ends the file, and
+    a record whose LAST chunk never came is left out."""
+    block, header = 32768, struct.Struct("<IHB")
+    with path.open("rb") as f:
+        data = f.read()
+    pos, pieces = 7, b""
+    while True:
+        if block - pos % block < header.size:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+        if pos + header.size > len(data):
+            return
+        crc, length, kind = header.unpack_from(data, pos)
+        chunk = data[pos + header.size : pos + header.size + length]
+        if (
+            len(chunk) < length
+            or kind not in (1, 2, 3, 4)
+            or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc
+        ):
+            return
+        pos += header.size + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pieces = chunk
+        elif kind == 3:
+            pieces += chunk
+        else:
+            yield pieces + chunk
+
+
 class Reporters(Callback):
     """The trackers of ``log.report_to`` behind one callback, and their run ids as a checkpoint
     part. Built on every rank (every rank loads the part); only rank 0 opens runs."""
@@ -281,8 +444,8 @@ class Reporters(Callback):
         self.config = job.to_dict()
         self.run_ids: dict[str, str] = {}
         self.active: dict[str, Reporter] = {}
-        self.skip_through: dict[str, dict[str, int]] = {}
-        self.sent: dict[str, dict[str, Any]] = {}
+        #: What each active tracker's store held at start (a resumed run sends only the rest).
+        self.held: dict[str, Stored] = {}
 
     # -- checkpoint part --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -296,12 +459,12 @@ class Reporters(Callback):
         if not self.dist.is_main or not self.names:
             return
         step = trainer.state.step
-        ledger = self._read_ledger()
         for name in self.names:
             reporter = REPORTERS[name](self.output_dir, self.project, self.run_name, self.config)
             run_id = self.run_ids.get(name) if step else None
             try:
                 run_id = reporter.start(run_id, step)
+                held = reporter.stored(step) if step else Stored()
             except ImportError as exc:
                 log.warning(
                     "report_to %s: %s is not installed (%s); pip install %s (or dstrain[track]); "
@@ -322,38 +485,26 @@ class Reporters(Callback):
                 continue
             self.active[name] = reporter
             self.run_ids[name] = run_id
-            sent = ledger.get(name, {})
-            # Steps this run id was already sent (after the checkpoint, before a crash).
-            kept = (
-                sent.get("steps", {})
-                if step and sent.get("run_id") == run_id and not reporter.rewinds
-                else {}
-            )
-            if reporter.replays:  # the whole history again: nothing to skip
-                kept = {}
-            elif reporter.holds_through is not None:  # the tracker knows better than the ledger
-                kept = dict.fromkeys(("train", "eval", "samples", "epoch"), reporter.holds_through)
-            self.skip_through[name] = {kind: max(step, last) for kind, last in kept.items()}
-            self.sent[name] = {"run_id": run_id, "steps": dict(kept)}
-            if reporter.replays:
-                self._replay(name, step)
+            self.held[name] = held
+            if step:
+                self._backfill(name, step)
         if self.active:
             log.info("reporting to %s", ", ".join(f"{n} (run {self.run_ids[n]})" for n in self.active))
 
     def on_log(self, trainer: Any, record: dict[str, Any]) -> None:
-        self._send("train", record["step"], lambda r: r.log(scalars(record), record["step"]))
+        for name in list(self.active):
+            self._deliver(name, record["step"], scalars(record))
 
     def on_eval(self, trainer: Any, record: dict[str, Any]) -> None:
-        step = record["step"]
-        samples = self._samples(step)
-        self._send("eval", step, lambda r: r.log(scalars(record), step))
-        if samples:
-            self._send("samples", step, lambda r: r.text(samples, step))
+        samples = self._samples().get(record["step"], []) if self.active else []
+        for name in list(self.active):
+            self._deliver(name, record["step"], scalars(record), samples)
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
-        self._send("epoch", record["step"], lambda r: r.log(scalars(record), record["step"]))
+        self.on_log(trainer, record)
 
-    def post_save(self, trainer: Any) -> None:
+    def pre_save(self, trainer: Any) -> None:
+        # Before the checkpoint exists: a resume from it finds its steps stored, not to re-send.
         for name in list(self.active):
             self._call(name, lambda r: r.flush())
 
@@ -363,15 +514,18 @@ class Reporters(Callback):
         self.active.clear()
 
     # -- helpers ----------------------------------------------------------------------------
-    def _send(self, kind: str, step: int, action: Any) -> None:
-        if not self.active:
-            return
-        for name in list(self.active):
-            if step <= self.skip_through[name].get(kind, -1):
-                continue
-            if self._call(name, action):
-                self.sent[name]["steps"][kind] = step
-        self._write_ledger()
+    def _deliver(
+        self, name: str, step: int, values: dict[str, float], samples: list[dict[str, Any]] | None = None
+    ) -> bool:
+        """``values`` (and ``samples``) at ``step`` to one tracker, less what its store already
+        holds; False once the tracker failed (and was dropped)."""
+        held = self.held[name]
+        fresh = {key: value for key, value in values.items() if step > held.last(key)}
+        if fresh and not self._call(name, lambda r: r.log(fresh, step)):
+            return False
+        if samples and step > held.last(SAMPLES):
+            return self._call(name, lambda r: r.text(samples, step))
+        return True
 
     def _call(self, name: str, action: Any) -> bool:
         try:
@@ -390,37 +544,37 @@ class Reporters(Callback):
                 pass
             return False
 
-    def _replay(self, name: str, step: int) -> None:
-        """metrics.jsonl's records up to ``step`` (the checkpoint's) to one tracker, in order."""
-        path = self.output_dir / "metrics.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        records = [json.loads(line) for line in lines if line.strip()]
-        for record in records:
-            if record["step"] <= step and not self._call(
-                name, lambda r, rec=record: r.log(scalars(rec), rec["step"])
+    def _backfill(self, name: str, step: int) -> None:
+        """What the tracker's store lacks of the run up to the checkpoint's ``step``, in order,
+        from metrics.jsonl and samples.jsonl (the crashed session's last seconds, lost with its
+        unflushed buffer; everything, for a tracker added at this resume)."""
+        samples = self._samples()
+        for record in self._records("metrics.jsonl"):
+            at = record.get("step", 0)
+            if at <= step and not self._deliver(
+                name, at, scalars(record), samples.get(at) if "eval_loss" in record else None
             ):
                 return
 
-    def _samples(self, step: int) -> list[dict[str, Any]]:
-        """This eval's samples, as the Samples callback (which runs first) wrote them."""
-        path = self.output_dir / "samples.jsonl"
-        if not path.is_file():
-            return []
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [row for row in rows if row.get("step") == step]
+    def _samples(self) -> dict[int, list[dict[str, Any]]]:
+        """The eval samples by step, as the Samples callback (which runs first) wrote them."""
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for row in self._records("samples.jsonl"):
+            by_step.setdefault(row.get("step", 0), []).append(row)
+        return by_step
 
-    def _read_ledger(self) -> dict[str, Any]:
-        path = self.output_dir / LEDGER
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # none yet, or torn by a crash: nothing to skip
-            return {}
-
-    def _write_ledger(self) -> None:
-        path = self.output_dir / LEDGER
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.sent), encoding="utf-8")
-        tmp.replace(path)
+    def _records(self, filename: str) -> list[dict[str, Any]]:
+        """A JSON-lines file of the run, without a line a crash cut short (the last one: the
+        file's own callback warns about it and drops it)."""
+        path = self.output_dir / filename
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return [record for record in records if isinstance(record, dict)]
 
 
 def one_line(exc: BaseException) -> str:

@@ -49,7 +49,7 @@ from trainer.config import (
 )
 from trainer.dist import global_batch_summary
 from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
-from trainer.errors import ConfigError, DstrainError
+from trainer.errors import ConfigError, DstrainError, user_error
 from trainer.planner import is_auto, rows_per_rank
 
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).
@@ -538,9 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(argv)
     except DstrainError as exc:
-        message = " ".join(str(exc).split())
-        print(f"dstrain: error: {message}", file=sys.stderr)
-        return 2
+        return user_error(exc)
 
 
 if __name__ == "__main__":

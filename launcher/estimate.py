@@ -32,7 +32,7 @@ from typing import Any
 
 from trainer.config import JobConfig, build_config
 from trainer.ds_config import resolve_precision
-from trainer.errors import ConfigError, DataError, DstrainError
+from trainer.errors import ConfigError, DataError, DstrainError, user_error
 from trainer.flops import flops_per_token, lora_counts_for, param_counts, peak_tflops_for
 from trainer.jsonl import read_jsonl
 from trainer.planner import (  # noqa: F401  (re-exported: the memory model's public names)
@@ -264,8 +264,10 @@ def time_section(
     out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "source": source}
     if tokens_per_s is None:
         return out
-    rows = rows_per_rank(job, world)[0] if job.train.micro_batch_size == "auto" else (
-        job.train.micro_batch_size * job.train.grad_accum
+    rows = (
+        rows_per_rank(job, world)[0]
+        if job.train.micro_batch_size == "auto"
+        else (job.train.micro_batch_size * job.train.grad_accum)
     )
     tokens_per_step = rows * world * job.data.max_seq_len
     if job.train.max_steps is not None:
@@ -468,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             with_data=not args.no_data,
         )
     except DstrainError as exc:
-        print(f"dstrain: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -26,7 +26,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from trainer.callback import Callback
-from trainer.errors import DataError, DstrainError
+from trainer.errors import DataError, DstrainError, user_error
 from trainer.jsonl import keep_through_step, read_jsonl
 
 log = logging.getLogger("dstrain")
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(show_samples(args.run_dir))
     except DstrainError as err:
-        print(f"dstrain: error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     return 0
 
 

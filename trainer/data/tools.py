@@ -45,7 +45,7 @@ from trainer.data.tools_io import (
     resolve_text_column,
     source_columns,
 )
-from trainer.errors import DataError, DstrainError
+from trainer.errors import DataError, DstrainError, user_error
 
 READ_BATCH_ROWS = 8192  # rows per read batch: bounds memory at a few MB of text per batch
 
@@ -754,11 +754,6 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-#: Exit status of a user error (bad argument, file or row), as argparse's usage errors and
-#: ``dstrain``'s own (README, exit codes).
-USER_ERROR_EXIT = 2
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dstrain data``: run one subcommand; user errors print one line, exit 2.
 
@@ -776,8 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         message = f"{where}{e.strerror or e}"
-    print(f"dstrain data {args.command}: error: {message}", file=sys.stderr)
-    return USER_ERROR_EXIT
+    return user_error(message, f"dstrain data {args.command}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from launcher.launch import (
     write_node_local_config,
 )
 from launcher.preflight import preflight
-from launcher.slurm import TEMPLATE, SlurmJob, render_sbatch
+from launcher.slurm import QUEUE_OPTIONS, TEMPLATE, SlurmJob, render_sbatch
 from trainer.config import (
     JobConfig,
     build_config,
@@ -243,10 +243,7 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         job_name=args.job_name or run_yaml.parent.name,
         output=args.log or str(run_yaml.parent / "slurm-%j.out"),
         signal_lead_s=args.signal_lead_s,
-        time=args.time,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
+        **{name: getattr(args, name) for name in QUEUE_OPTIONS},
         cpus_per_task=args.cpus_per_task,
         extra_sbatch=tuple(args.sbatch),
         env=forwarded_env(os.environ, args.env),
@@ -438,10 +435,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         default="gpu",
         help="cpu: gloo ranks, no --gpus-per-node request (--gpus-per-node is then the ranks per node).",
     )
-    slurm.add_argument("--partition", default=None, help="#SBATCH --partition.")
-    slurm.add_argument("--time", default=None, help="#SBATCH --time, e.g. 48:00:00.")
-    slurm.add_argument("--account", default=None, help="#SBATCH --account.")
-    slurm.add_argument("--qos", default=None, help="#SBATCH --qos.")
+    for name, text in QUEUE_OPTIONS.items():
+        slurm.add_argument(f"--{name}", default=None, help=text)
     slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (dataloader workers).")
     slurm.add_argument(
         "--job-name", default=None, help="#SBATCH --job-name (default: the output dir's name)."

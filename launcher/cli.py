@@ -296,6 +296,28 @@ def cmd_delegated(name: str, argv: list[str]) -> int:
     return func(argv) or 0
 
 
+def add_placement_options(
+    parser: argparse.ArgumentParser,
+    gpus_help: str,
+    nodes_help: str,
+    default: int | None = None,
+    gpus_required: bool = False,
+) -> None:
+    """``--gpus-per-node G`` (alias ``--gpus``) and ``--nodes N``, spelled alike by every command
+    that places ranks (run, slurm, estimate); each command's help says what None means there."""
+    parser.add_argument(
+        "--gpus-per-node",
+        "--gpus",
+        dest="gpus",
+        type=int,
+        default=default,
+        required=gpus_required,
+        metavar="G",
+        help=gpus_help,
+    )
+    parser.add_argument("--nodes", type=int, default=default, metavar="N", help=nodes_help)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The argparse tree and its subcommand parsers by name.
 
@@ -326,17 +348,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="RECIPE",
         help="Recipe YAML file, or a built-in name (pretrain, cpt, sft, ...).",
     )
-    run.add_argument(
-        "--gpus-per-node",
-        "--gpus",
-        dest="gpus",
-        type=int,
-        default=None,
-        metavar="G",
-        help="Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
-    )
-    run.add_argument(
-        "--nodes", type=int, default=None, metavar="N", help="Nodes (default 1; with --hostfile, its hosts)."
+    add_placement_options(
+        run,
+        "Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
+        "Nodes (default 1; with --hostfile, its hosts).",
     )
     run.add_argument(
         "--hostfile",
@@ -419,16 +434,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         allow_abbrev=False,
     )
     slurm.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file, or a built-in name.")
-    slurm.add_argument("--nodes", type=int, default=1, metavar="N", help="Nodes (#SBATCH --nodes).")
-    slurm.add_argument(
-        "--gpus-per-node",
-        "--gpus",
-        dest="gpus",
-        type=int,
-        default=1,
-        metavar="G",
-        help="GPUs, and so ranks, per node.",
-    )
+    add_placement_options(slurm, "GPUs, and so ranks, per node.", "Nodes (#SBATCH --nodes).", default=1)
     slurm.add_argument(
         "--device",
         choices=("gpu", "cpu"),

@@ -30,8 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from launcher.cli import add_placement_options
 from trainer.config import JobConfig, build_config
-from trainer.ds_config import resolve_precision
+from trainer.ds_config import PRECISIONS, resolve_precision
 from trainer.errors import ConfigError, DataError, DstrainError, user_error
 from trainer.flops import flops_per_token, lora_counts_for, param_counts, peak_tflops_for
 from trainer.jsonl import read_jsonl
@@ -386,8 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file or built-in name.")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node.")
-    parser.add_argument("--nodes", type=int, default=1, help="Nodes (default 1).")
+    add_placement_options(parser, "GPUs per node.", "Nodes (default 1).", default=1, gpus_required=True)
     parser.add_argument(
         "--gpu-mem",
         type=float,
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Memory per GPU in GB (default: this machine's GPU, else {DEFAULT_GPU_MEM_GB:g}).",
     )
     parser.add_argument(
-        "--precision", choices=("bf16", "fp16", "fp32"), default=None, help="Default: the recipe's, on a GPU."
+        "--precision", choices=PRECISIONS, default=None, help="Default: the recipe's, on a GPU."
     )
     parser.add_argument(
         "--loss", choices=("chunked", "plain"), default=None, help=f"Default: {DEFAULT_LOSS} where supported."

@@ -45,6 +45,7 @@ from trainer.config import (
     parse_overrides,
     resolve_recipe,
     save_run_yaml,
+    set_dotted,
     split_overrides,
 )
 from trainer.dist import global_batch_summary
@@ -252,19 +253,38 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+#: ``dstrain ds-config``'s shorthand flags: (flag, the ``--section.key`` it sets, argparse options).
+DS_CONFIG_SHORTHANDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--zero", "zero.stage", {"type": int, "choices": (0, 1, 2, 3), "help": "ZeRO stage (--zero.stage)."}),
+    (
+        "--offload-optimizer",
+        "zero.offload_optimizer",
+        {"action": "store_true", "help": "Offload optimizer state to the CPU."},
+    ),
+    (
+        "--offload-params",
+        "zero.offload_params",
+        {"action": "store_true", "help": "Offload parameters to the CPU (ZeRO-3)."},
+    ),
+    (
+        "--micro-batch-size",
+        "train.micro_batch_size",
+        {"type": int, "metavar": "N", "help": "Sequences per rank per forward pass."},
+    ),
+    (
+        "--grad-accum",
+        "train.grad_accum",
+        {"type": int, "metavar": "N", "help": "Micro-batches per optimizer step."},
+    ),
+)
+
+
 def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
     """``dstrain ds-config``: print the DeepSpeed JSON a recipe (or the defaults) gives."""
     flags: dict[str, Any] = {}
-    if args.zero is not None:
-        flags.setdefault("zero", {})["stage"] = args.zero
-    if args.offload_optimizer:
-        flags.setdefault("zero", {})["offload_optimizer"] = True
-    if args.offload_params:
-        flags.setdefault("zero", {})["offload_params"] = True
-    if args.micro_batch_size is not None:
-        flags.setdefault("train", {})["micro_batch_size"] = args.micro_batch_size
-    if args.grad_accum is not None:
-        flags.setdefault("train", {})["grad_accum"] = args.grad_accum
+    for _, key, _ in DS_CONFIG_SHORTHANDS:
+        if getattr(args, key) is not None:
+            set_dotted(flags, key, getattr(args, key))
     merged = deep_merge(parse_overrides(overrides), flags)
     if args.recipe is not None:
         cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=merged)
@@ -490,11 +510,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="RECIPE",
         help="Recipe YAML file or built-in name (default: the config defaults).",
     )
-    ds.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (--zero.stage).")
-    ds.add_argument("--offload-optimizer", action="store_true", help="Offload optimizer state to the CPU.")
-    ds.add_argument("--offload-params", action="store_true", help="Offload parameters to the CPU (ZeRO-3).")
-    ds.add_argument("--micro-batch-size", type=int, default=None, help="Sequences per rank per forward pass.")
-    ds.add_argument("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
+    for flag, key, options in DS_CONFIG_SHORTHANDS:
+        ds.add_argument(flag, dest=key, default=None, **options)
     ds.add_argument(
         "--precision",
         choices=PRECISIONS,

@@ -283,8 +283,8 @@ def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
     """``dstrain ds-config``: print the DeepSpeed JSON a recipe (or the defaults) gives."""
     flags: dict[str, Any] = {}
     for _, key, _ in DS_CONFIG_SHORTHANDS:
-        if getattr(args, key) is not None:
-            set_dotted(flags, key, getattr(args, key))
+        if (value := getattr(args, key)) is not None:
+            set_dotted(flags, key, value)
     merged = deep_merge(parse_overrides(overrides), flags)
     if args.recipe is not None:
         cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=merged)

@@ -37,7 +37,7 @@ from launcher.launch import (
     write_node_local_config,
 )
 from launcher.preflight import preflight
-from launcher.slurm import TEMPLATE, SlurmJob, render_sbatch
+from launcher.slurm import QUEUE_OPTIONS, TEMPLATE, SlurmJob, render_sbatch
 from trainer.config import (
     JobConfig,
     build_config,
@@ -45,11 +45,12 @@ from trainer.config import (
     parse_overrides,
     resolve_recipe,
     save_run_yaml,
+    set_dotted,
     split_overrides,
 )
 from trainer.dist import global_batch_summary
 from trainer.ds_config import PRECISIONS, build_ds_config, dump_ds_config, resolve_precision, write_ds_config
-from trainer.errors import ConfigError, DstrainError
+from trainer.errors import ConfigError, DstrainError, user_error
 from trainer.planner import is_auto, rows_per_rank
 
 # Subcommands whose arguments belong to another module's ``main(argv)``: (module, function).
@@ -243,10 +244,7 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         job_name=args.job_name or run_yaml.parent.name,
         output=args.log or str(run_yaml.parent / "slurm-%j.out"),
         signal_lead_s=args.signal_lead_s,
-        time=args.time,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
+        **{name: getattr(args, name) for name in QUEUE_OPTIONS},
         cpus_per_task=args.cpus_per_task,
         extra_sbatch=tuple(args.sbatch),
         env=forwarded_env(os.environ, args.env),
@@ -255,19 +253,38 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+#: ``dstrain ds-config``'s shorthand flags: (flag, the ``--section.key`` it sets, argparse options).
+DS_CONFIG_SHORTHANDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("--zero", "zero.stage", {"type": int, "choices": (0, 1, 2, 3), "help": "ZeRO stage (--zero.stage)."}),
+    (
+        "--offload-optimizer",
+        "zero.offload_optimizer",
+        {"action": "store_true", "help": "Offload optimizer state to the CPU."},
+    ),
+    (
+        "--offload-params",
+        "zero.offload_params",
+        {"action": "store_true", "help": "Offload parameters to the CPU (ZeRO-3)."},
+    ),
+    (
+        "--micro-batch-size",
+        "train.micro_batch_size",
+        {"type": int, "metavar": "N", "help": "Sequences per rank per forward pass."},
+    ),
+    (
+        "--grad-accum",
+        "train.grad_accum",
+        {"type": int, "metavar": "N", "help": "Micro-batches per optimizer step."},
+    ),
+)
+
+
 def cmd_ds_config(args: argparse.Namespace, overrides: list[str]) -> int:
     """``dstrain ds-config``: print the DeepSpeed JSON a recipe (or the defaults) gives."""
     flags: dict[str, Any] = {}
-    if args.zero is not None:
-        flags.setdefault("zero", {})["stage"] = args.zero
-    if args.offload_optimizer:
-        flags.setdefault("zero", {})["offload_optimizer"] = True
-    if args.offload_params:
-        flags.setdefault("zero", {})["offload_params"] = True
-    if args.micro_batch_size is not None:
-        flags.setdefault("train", {})["micro_batch_size"] = args.micro_batch_size
-    if args.grad_accum is not None:
-        flags.setdefault("train", {})["grad_accum"] = args.grad_accum
+    for _, key, _ in DS_CONFIG_SHORTHANDS:
+        if (value := getattr(args, key)) is not None:
+            set_dotted(flags, key, value)
     merged = deep_merge(parse_overrides(overrides), flags)
     if args.recipe is not None:
         cfg = build_config(config_path=resolve_recipe(args.recipe), overrides=merged)
@@ -297,6 +314,28 @@ def cmd_delegated(name: str, argv: list[str]) -> int:
     except (ImportError, AttributeError) as exc:
         raise DstrainError(f"dstrain {name} is not available: {module_name}.{func_name} ({exc})") from None
     return func(argv) or 0
+
+
+def add_placement_options(
+    parser: argparse.ArgumentParser,
+    gpus_help: str,
+    nodes_help: str,
+    default: int | None = None,
+    gpus_required: bool = False,
+) -> None:
+    """``--gpus-per-node G`` (alias ``--gpus``) and ``--nodes N``, spelled alike by every command
+    that places ranks (run, slurm, estimate); each command's help says what None means there."""
+    parser.add_argument(
+        "--gpus-per-node",
+        "--gpus",
+        dest="gpus",
+        type=int,
+        default=default,
+        required=gpus_required,
+        metavar="G",
+        help=gpus_help,
+    )
+    parser.add_argument("--nodes", type=int, default=default, metavar="N", help=nodes_help)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -329,17 +368,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="RECIPE",
         help="Recipe YAML file, or a built-in name (pretrain, cpt, sft, ...).",
     )
-    run.add_argument(
-        "--gpus-per-node",
-        "--gpus",
-        dest="gpus",
-        type=int,
-        default=None,
-        metavar="G",
-        help="Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
-    )
-    run.add_argument(
-        "--nodes", type=int, default=None, metavar="N", help="Nodes (default 1; with --hostfile, its hosts)."
+    add_placement_options(
+        run,
+        "Ranks per node (default: visible CUDA GPUs, or 1 on CPU, where ranks are gloo processes).",
+        "Nodes (default 1; with --hostfile, its hosts).",
     )
     run.add_argument(
         "--hostfile",
@@ -422,26 +454,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         allow_abbrev=False,
     )
     slurm.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file, or a built-in name.")
-    slurm.add_argument("--nodes", type=int, default=1, metavar="N", help="Nodes (#SBATCH --nodes).")
-    slurm.add_argument(
-        "--gpus-per-node",
-        "--gpus",
-        dest="gpus",
-        type=int,
-        default=1,
-        metavar="G",
-        help="GPUs, and so ranks, per node.",
-    )
+    add_placement_options(slurm, "GPUs, and so ranks, per node.", "Nodes (#SBATCH --nodes).", default=1)
     slurm.add_argument(
         "--device",
         choices=("gpu", "cpu"),
         default="gpu",
         help="cpu: gloo ranks, no --gpus-per-node request (--gpus-per-node is then the ranks per node).",
     )
-    slurm.add_argument("--partition", default=None, help="#SBATCH --partition.")
-    slurm.add_argument("--time", default=None, help="#SBATCH --time, e.g. 48:00:00.")
-    slurm.add_argument("--account", default=None, help="#SBATCH --account.")
-    slurm.add_argument("--qos", default=None, help="#SBATCH --qos.")
+    for name, text in QUEUE_OPTIONS.items():
+        slurm.add_argument(f"--{name}", default=None, help=text)
     slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (dataloader workers).")
     slurm.add_argument(
         "--job-name", default=None, help="#SBATCH --job-name (default: the output dir's name)."
@@ -489,11 +510,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="RECIPE",
         help="Recipe YAML file or built-in name (default: the config defaults).",
     )
-    ds.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage (--zero.stage).")
-    ds.add_argument("--offload-optimizer", action="store_true", help="Offload optimizer state to the CPU.")
-    ds.add_argument("--offload-params", action="store_true", help="Offload parameters to the CPU (ZeRO-3).")
-    ds.add_argument("--micro-batch-size", type=int, default=None, help="Sequences per rank per forward pass.")
-    ds.add_argument("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
+    for flag, key, options in DS_CONFIG_SHORTHANDS:
+        ds.add_argument(flag, dest=key, default=None, **options)
     ds.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -538,9 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(argv)
     except DstrainError as exc:
-        message = " ".join(str(exc).split())
-        print(f"dstrain: error: {message}", file=sys.stderr)
-        return 2
+        return user_error(exc)
 
 
 if __name__ == "__main__":

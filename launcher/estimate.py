@@ -30,9 +30,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from launcher.cli import add_placement_options
 from trainer.config import JobConfig, build_config
-from trainer.ds_config import resolve_precision
-from trainer.errors import ConfigError, DataError, DstrainError
+from trainer.ds_config import PRECISIONS, resolve_precision
+from trainer.errors import ConfigError, DataError, DstrainError, user_error
 from trainer.flops import flops_per_token, lora_counts_for, param_counts, peak_tflops_for
 from trainer.jsonl import read_jsonl
 from trainer.planner import (  # noqa: F401  (re-exported: the memory model's public names)
@@ -264,8 +265,10 @@ def time_section(
     out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "source": source}
     if tokens_per_s is None:
         return out
-    rows = rows_per_rank(job, world)[0] if job.train.micro_batch_size == "auto" else (
-        job.train.micro_batch_size * job.train.grad_accum
+    rows = (
+        rows_per_rank(job, world)[0]
+        if job.train.micro_batch_size == "auto"
+        else (job.train.micro_batch_size * job.train.grad_accum)
     )
     tokens_per_step = rows * world * job.data.max_seq_len
     if job.train.max_steps is not None:
@@ -384,8 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("recipe", metavar="RECIPE", help="Recipe YAML file or built-in name.")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node.")
-    parser.add_argument("--nodes", type=int, default=1, help="Nodes (default 1).")
+    add_placement_options(parser, "GPUs per node.", "Nodes (default 1).", default=1, gpus_required=True)
     parser.add_argument(
         "--gpu-mem",
         type=float,
@@ -394,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Memory per GPU in GB (default: this machine's GPU, else {DEFAULT_GPU_MEM_GB:g}).",
     )
     parser.add_argument(
-        "--precision", choices=("bf16", "fp16", "fp32"), default=None, help="Default: the recipe's, on a GPU."
+        "--precision", choices=PRECISIONS, default=None, help="Default: the recipe's, on a GPU."
     )
     parser.add_argument(
         "--loss", choices=("chunked", "plain"), default=None, help=f"Default: {DEFAULT_LOSS} where supported."
@@ -468,8 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             with_data=not args.no_data,
         )
     except DstrainError as exc:
-        print(f"dstrain: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -22,6 +22,14 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "template
 _FIELD = re.compile(r"\{\{(\w+)\}\}")
 # Values that go into #SBATCH lines as they are: no spaces, quotes or newlines.
 _DIRECTIVE_VALUE = re.compile(r"[^\s'\"\\]+")
+#: Where the job queues and for how long: ``dstrain slurm --NAME value`` becomes the SlurmJob field
+#: NAME and the line ``#SBATCH --NAME=value``, as it is (in this order); the help of each flag.
+QUEUE_OPTIONS = {
+    "time": "#SBATCH --time, e.g. 48:00:00.",
+    "partition": "#SBATCH --partition.",
+    "account": "#SBATCH --account.",
+    "qos": "#SBATCH --qos.",
+}
 
 
 @dataclass(frozen=True)
@@ -57,10 +65,7 @@ class SlurmJob:
         for flag, value in (
             ("--job-name", self.job_name),
             ("--log", self.output),
-            ("--time", self.time),
-            ("--partition", self.partition),
-            ("--account", self.account),
-            ("--qos", self.qos),
+            *((f"--{name}", getattr(self, name)) for name in QUEUE_OPTIONS),
         ):
             if value is not None and not _DIRECTIVE_VALUE.fullmatch(value):
                 raise ConfigError(f"{flag} {value!r}: an #SBATCH value cannot hold spaces or quotes")
@@ -78,7 +83,7 @@ def sbatch_options(job: SlurmJob) -> list[str]:
         options.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task is not None:
         options.append(f"--cpus-per-task={job.cpus_per_task}")
-    for name in ("time", "partition", "account", "qos"):
+    for name in QUEUE_OPTIONS:
         value = getattr(job, name)
         if value is not None:
             options.append(f"--{name}={value}")

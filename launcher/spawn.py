@@ -32,7 +32,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from types import FrameType
 
 from trainer.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS
@@ -40,30 +41,38 @@ from trainer.signals import PREEMPTED_EXIT_CODE, STOP_SIGNALS
 POLL_S = 0.2  # how often the ranks are polled; a rank's exit is noticed this late at most
 
 
-def rank_env(
-    base: Mapping[str, str],
-    *,
-    local_rank: int,
-    nproc_per_node: int,
-    node_rank: int,
-    nnodes: int,
-    master_addr: str,
-    master_port: int,
-) -> dict[str, str]:
-    """The environment of local rank ``local_rank`` on node ``node_rank`` (torchrun's names)."""
-    env = dict(base)
-    env.update(
-        RANK=str(node_rank * nproc_per_node + local_rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(nnodes * nproc_per_node),
-        LOCAL_WORLD_SIZE=str(nproc_per_node),
-        GROUP_RANK=str(node_rank),
-        GROUP_WORLD_SIZE=str(nnodes),
-        MASTER_ADDR=master_addr,
-        MASTER_PORT=str(master_port),
-        DSTRAIN_LAUNCHER="dstrain",
-    )
-    return env
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where this node's ranks sit in the job (the spawner's options, by the same names)."""
+
+    nproc_per_node: int  # ranks on this node
+    master_port: int  # rendezvous port on node 0
+    nnodes: int = 1  # nodes in the job
+    node_rank: int = 0  # this node's index, 0..nnodes-1
+    master_addr: str = "127.0.0.1"  # address of node 0 (the rendezvous)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NodeLayout:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def global_rank(self, local_rank: int) -> int:
+        return self.node_rank * self.nproc_per_node + local_rank
+
+    def rank_env(self, base: Mapping[str, str], local_rank: int) -> dict[str, str]:
+        """The environment of local rank ``local_rank`` on this node (torchrun's names)."""
+        env = dict(base)
+        env.update(
+            RANK=str(self.global_rank(local_rank)),
+            LOCAL_RANK=str(local_rank),
+            WORLD_SIZE=str(self.nnodes * self.nproc_per_node),
+            LOCAL_WORLD_SIZE=str(self.nproc_per_node),
+            GROUP_RANK=str(self.node_rank),
+            GROUP_WORLD_SIZE=str(self.nnodes),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+            DSTRAIN_LAUNCHER="dstrain",
+        )
+        return env
 
 
 def exit_status(returncode: int) -> int:
@@ -71,36 +80,19 @@ def exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
+@dataclass(eq=False)
 class NodeSpawner:
     """The ranks of one node: start them, forward stop signals, wait, and say how they ended."""
 
-    def __init__(
-        self,
-        cmd: Sequence[str],
-        *,
-        nproc_per_node: int,
-        nnodes: int = 1,
-        node_rank: int = 0,
-        master_addr: str = "127.0.0.1",
-        master_port: int,
-        kill_after_s: float = 30.0,
-    ) -> None:
-        self.cmd = list(cmd)
-        self.nproc_per_node = nproc_per_node
-        self.nnodes = nnodes
-        self.node_rank = node_rank
-        self.master_addr = master_addr
-        self.master_port = master_port
-        self.kill_after_s = kill_after_s
-        self.procs: list[subprocess.Popen] = []
-        self.forwarded: list[int] = []  # signals passed on, not yet reported
-        self.stopping = False  # a stop signal came
+    cmd: list[str]
+    layout: NodeLayout
+    kill_after_s: float = 30.0  # after a rank fails: seconds between SIGTERM and SIGKILL to the others
+    procs: list[subprocess.Popen] = field(default_factory=list, init=False)
+    forwarded: list[int] = field(default_factory=list, init=False)  # signals passed on, not yet reported
+    stopping: bool = field(default=False, init=False)  # a stop signal came
 
     def say(self, message: str) -> None:
-        print(f"[dstrain node {self.node_rank}] {message}", file=sys.stderr, flush=True)
-
-    def global_rank(self, local_rank: int) -> int:
-        return self.node_rank * self.nproc_per_node + local_rank
+        print(f"[dstrain node {self.layout.node_rank}] {message}", file=sys.stderr, flush=True)
 
     def forward(self, signum: int, frame: FrameType | None = None) -> None:
         """Signal handler: pass a stop signal on to every rank's main process still running.
@@ -117,19 +109,11 @@ class NodeSpawner:
         """Start the ranks, wait for all of them, return the node's exit status."""
         previous = {sig: signal.signal(sig, self.forward) for sig in STOP_SIGNALS}
         try:
-            for local_rank in range(self.nproc_per_node):
-                env = rank_env(
-                    os.environ,
-                    local_rank=local_rank,
-                    nproc_per_node=self.nproc_per_node,
-                    node_rank=self.node_rank,
-                    nnodes=self.nnodes,
-                    master_addr=self.master_addr,
-                    master_port=self.master_port,
-                )
+            for local_rank in range(self.layout.nproc_per_node):
+                env = self.layout.rank_env(os.environ, local_rank)
                 self.procs.append(subprocess.Popen(self.cmd, env=env))
-            pids = " ".join(f"{self.global_rank(i)}:{p.pid}" for i, p in enumerate(self.procs))
-            self.say(f"started {self.nproc_per_node} rank(s) (rank:pid {pids})")
+            pids = " ".join(f"{self.layout.global_rank(i)}:{p.pid}" for i, p in enumerate(self.procs))
+            self.say(f"started {self.layout.nproc_per_node} rank(s) (rank:pid {pids})")
             return self._wait()
         finally:
             # After a stop signal this node is on its way out with 75: a late copy of the
@@ -153,7 +137,7 @@ class NodeSpawner:
                 if i in codes or proc.poll() is None:
                     continue
                 codes[i] = exit_status(proc.returncode)
-                self.say(f"rank {self.global_rank(i)} exited {codes[i]}")
+                self.say(f"rank {self.layout.global_rank(i)} exited {codes[i]}")
                 if codes[i] not in (0, PREEMPTED_EXIT_CODE) and failure is None:
                     failure = codes[i]
                     kill_at = time.monotonic() + self.kill_after_s
@@ -171,7 +155,7 @@ class NodeSpawner:
         if not live:
             return
         self.say(
-            f"sending {sig.name} to rank(s) {', '.join(str(self.global_rank(i)) for i, _ in live)} ({why})"
+            f"sending {sig.name} to rank(s) {', '.join(str(self.layout.global_rank(i)) for i, _ in live)} ({why})"
         )
         for _, proc in live:
             try:
@@ -210,16 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no rank command: add -- python -u trainer/main.py --config run.yaml")
     if args.nproc_per_node < 1 or not 0 <= args.node_rank < args.nnodes:
         parser.error(f"need --nproc-per-node >= 1 and 0 <= --node-rank < --nnodes ({args.nnodes})")
-    spawner = NodeSpawner(
-        cmd,
-        nproc_per_node=args.nproc_per_node,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        kill_after_s=args.kill_after_s,
-    )
-    return spawner.run()
+    return NodeSpawner(cmd, NodeLayout.from_args(args), args.kill_after_s).run()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from trainer.checkpoint import (
     verify,
 )
 from trainer.dist import DistInfo, barrier
-from trainer.errors import CheckpointError, DstrainError
+from trainer.errors import CheckpointError, DstrainError, user_error
 
 log = logging.getLogger("dstrain")
 
@@ -292,8 +292,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.merge, args.trust_checkpoint)
     except DstrainError as exc:
-        print(f"dstrain: error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -330,8 +329,7 @@ def ckpt_main(argv: list[str] | None = None) -> int:
                 check_pickles(ckpt)
             print(to_universal(ckpt, Path(args.out) if args.out else ckpt / "universal"))
     except DstrainError as exc:
-        print(f"dstrain: error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     return 0
 
 

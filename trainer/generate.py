@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from trainer.callback import Callback
-from trainer.errors import DataError, DstrainError
+from trainer.errors import DataError, DstrainError, user_error
 from trainer.jsonl import keep_through_step, read_jsonl
 
 log = logging.getLogger("dstrain")
@@ -114,18 +115,18 @@ def generate(
     return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
 
 
+@dataclass(eq=False)
 class Samples(Callback):
     """After each eval, every rank generates from each prompt; rank 0 writes samples.jsonl."""
 
-    def __init__(
-        self, prompts: list[str], max_new_tokens: int, tokenizer: Any, path: Path, seed: int
-    ) -> None:
-        self.prompts = prompts
-        self.max_new_tokens = max_new_tokens
-        self.tokenizer = tokenizer
-        self.path = path
-        self.seed = seed
-        self.blank = blank_tokens(tokenizer)
+    prompts: list[str]
+    max_new_tokens: int
+    tokenizer: Any
+    path: Path
+    seed: int  # sample i at step s draws with seed + 1000 * s + i
+
+    def __post_init__(self) -> None:
+        self.blank = blank_tokens(self.tokenizer)
 
     def on_train_start(self, trainer: Any) -> None:
         """Drop samples past the step training starts from, as metrics.jsonl does."""
@@ -197,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(show_samples(args.run_dir))
     except DstrainError as err:
-        print(f"dstrain: error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     return 0
 
 

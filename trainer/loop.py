@@ -41,14 +41,14 @@ log = logging.getLogger("dstrain")
 class TrainState:
     """The counters a checkpoint restores: optimizer steps, epoch, tokens trained on."""
 
-    step: int = 0
-    epoch: int = 0
-    tokens_seen: int = 0
-    target_tokens_seen: int = 0
-    best_eval_loss: float | None = None
-    best_step: int | None = None
-    last_eval_step: int | None = None
-    last_save_step: int | None = None
+    step: int = 0  # optimizer steps applied (a skipped step does not count)
+    epoch: int = 0  # epochs finished
+    tokens_seen: int = 0  # non-pad tokens trained on, all ranks
+    target_tokens_seen: int = 0  # of those, the tokens with a loss (targets)
+    best_eval_loss: float | None = None  # lowest eval loss so far (None: no eval yet)
+    best_step: int | None = None  # the step of best_eval_loss
+    last_eval_step: int | None = None  # the step the last eval ran at
+    last_save_step: int | None = None  # the step the last save was of
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,33 +86,24 @@ def epoch_steps(micro_batches_per_rank: list[int], grad_accum: int) -> int:
     return -(-max(micro_batches_per_rank) // grad_accum)
 
 
+@dataclass(eq=False)
 class Trainer:
     """Runs the loop over the stateful data stream until max_steps or the last epoch."""
 
-    def __init__(
-        self,
-        job: JobConfig,
-        dist: DistInfo,
-        module: TrainModule,
-        train_data: Any,
-        eval_batches: Iterable[Batch] | None,
-        total_steps: int,
-        callbacks: list[Callback],
-        checkpointer: Any = None,
-        preemption: Any = None,
-    ) -> None:
-        self.job = job
-        self.dist = dist
-        self.module = module
-        self.train_data = train_data
-        self.eval_batches = eval_batches
-        self.total_steps = total_steps
-        self.callbacks = callbacks
-        self.checkpointer = checkpointer
-        self.preemption = preemption
+    job: JobConfig
+    dist: DistInfo
+    module: TrainModule
+    train_data: Any  # TrainData, or any iterable of batches
+    eval_batches: Iterable[Batch] | None
+    total_steps: int  # the schedule's length in optimizer steps
+    callbacks: list[Callback]
+    checkpointer: Any = None
+    preemption: Any = None
+
+    def __post_init__(self) -> None:
         self.state = TrainState()
         self.stop_requested = False
-        self.metrics = MetricRecorder(dist)
+        self.metrics = MetricRecorder(self.dist)
         self._stream: Iterator[Batch] | None = None
         self._plan: StepPlan | None = None
         self._window_loss: torch.Tensor | None = None
@@ -120,7 +111,7 @@ class Trainer:
         self._steps_in_epoch = 0
         self._bad_in_a_row = 0
         self._stopped_eval = False  # an eval was abandoned for a stop signal
-        self._filler = filler_batch(attention_mask=not job.data.pack)
+        self._filler = filler_batch(attention_mask=not self.job.data.pack)
 
     # -- when ----------------------------------------------------------------------------------
     @property

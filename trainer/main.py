@@ -23,7 +23,7 @@ import torch
 
 from trainer.config import STAGES, JobConfig, build_config, save_run_yaml
 from trainer.dist import DistInfo, check_same_run, global_batch_summary, init_distributed, run_facts
-from trainer.errors import DstrainError
+from trainer.errors import DstrainError, user_error
 from trainer.signals import INTERRUPTED_EXIT_CODE, Interrupted, Preemption
 
 log = logging.getLogger("dstrain")
@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist = DistInfo.from_env()
     except DstrainError as exc:  # the launcher's variables, or more ranks than GPUs
-        print(f"dstrain: error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     os.environ.update(dist.library_env())  # before DeepSpeed is imported: it reads some at import
     # From the first moment: a stop signal during start-up (DeepSpeed init, data, model: minutes
     # on a big model) is remembered and honoured after the first step, instead of killing the rank.
@@ -224,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dstrain: interrupted: [rank{dist.rank}] {exc}", file=sys.stderr, flush=True)
         os._exit(INTERRUPTED_EXIT_CODE)
     except DstrainError as exc:
-        print(f"dstrain: error: [rank{dist.rank}] {exc}", file=sys.stderr)
-        return 2
+        return user_error(f"[rank{dist.rank}] {exc}")
     finally:
         preemption.uninstall()
         if torch.distributed.is_initialized():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import DataError, DstrainError
+from trainer.errors import DataError, DstrainError, user_error
 from trainer.jsonl import read_jsonl
 
 DEFAULT_SMOOTHING = 0.6
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"nothing to draw: no loss or eval_loss records in {', '.join(map(str, args.runs))}"
             )
     except DstrainError as exc:
-        print(f"dstrain: error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc)
     print(written)
     return 0
 

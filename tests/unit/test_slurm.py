@@ -16,7 +16,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.slurm import TEMPLATE, SlurmJob, render_sbatch
-from launcher.spawn import rank_env
+from launcher.spawn import NodeLayout
 from tests.helpers import REPO
 from tests.slurm_cluster import require_tool
 from trainer.dist import (
@@ -61,9 +61,8 @@ def test_tasks_per_node_and_job_port() -> None:
 
 
 def test_rank_facts_from_dstrains_spawner_round_trip() -> None:
-    env = rank_env(
-        {}, local_rank=1, nproc_per_node=4, node_rank=2, nnodes=3, master_addr="n0", master_port=2900
-    )
+    layout = NodeLayout(nproc_per_node=4, node_rank=2, nnodes=3, master_addr="n0", master_port=2900)
+    env = layout.rank_env({}, local_rank=1)
     assert DistInfo.from_env(env, cuda_devices=4) == DistInfo(
         rank=9,
         local_rank=1,

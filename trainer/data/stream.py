@@ -38,7 +38,7 @@ and "row ranges not read yet"; ``TrainData.load_resharded`` deals them to the ne
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
@@ -63,6 +63,17 @@ from trainer.data.sources import SourceFile, open_parquet, read_group
 Split = Literal["train", "eval"]
 #: Per-epoch counters of a shard, saved at the block start (the ``*_read`` twins: at the read position).
 COUNTERS = ("docs", "skipped_docs", "truncated_docs", "no_target_docs")
+
+
+def counter_fields(at_block: Mapping[str, int], at_read: Mapping[str, int] | None = None) -> dict[str, int]:
+    """A :class:`ShardState`'s counters: each of :data:`COUNTERS` as of the block start, and
+    the ``*_read`` twin of each but ``docs`` as of the read position (default: the same)."""
+    at_read = at_block if at_read is None else at_read
+    fields = {"docs": at_block["docs"]}
+    for name in COUNTERS[1:]:  # in ShardState's order
+        fields[name] = at_block[name]
+        fields[name.replace("_docs", "_read")] = at_read[name]
+    return fields
 
 
 @dataclass
@@ -185,13 +196,7 @@ def fresh_state(
         carry_doc=-1,
         carry_tokens=[],
         pending=[],
-        docs=0,
-        skipped_docs=0,
-        skipped_read=0,
-        truncated_docs=0,
-        truncated_read=0,
-        no_target_docs=0,
-        no_target_read=0,
+        **counter_fields(dict.fromkeys(COUNTERS, 0)),
         ranges=[list(r) for r in ranges],
         leftovers=[_copy_leftover(lo) for lo in leftovers or []],
         next_row=ranges[0][0] if ranges else 0,
@@ -483,13 +488,7 @@ class ShardStream(IterableDataset):
                 carry_doc=carry[0] if carry else -1,
                 carry_tokens=carry[1].tolist() if carry else [],
                 pending=[save_sample(c) for c in packer.pending],
-                docs=block_counters["docs"],
-                skipped_docs=block_counters["skipped_docs"],
-                skipped_read=counters["skipped_docs"],
-                truncated_docs=block_counters["truncated_docs"],
-                truncated_read=counters["truncated_docs"],
-                no_target_docs=block_counters["no_target_docs"],
-                no_target_read=counters["no_target_docs"],
+                **counter_fields(block_counters, counters),
                 ranges=[list(r) for r in ranges],
                 leftovers=[_copy_leftover(lo) for lo in leftovers],
                 next_row=row_position(ranges, offset),

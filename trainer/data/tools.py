@@ -45,7 +45,7 @@ from trainer.data.tools_io import (
     resolve_text_column,
     source_columns,
 )
-from trainer.errors import DataError, DstrainError
+from trainer.errors import DataError, DstrainError, user_error
 
 READ_BATCH_ROWS = 8192  # rows per read batch: bounds memory at a few MB of text per batch
 
@@ -581,12 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="Column/field holding the document text (default: the first of text, content, completion).",
         )
 
+    def row_group_size(p: argparse._ActionsContainer, default: int | None, text: str) -> None:
+        # Every subcommand that writes parquet takes it; main() checks that it is >= 1.
+        p.add_argument("--row-group-size", type=int, default=default, help=text)
+
     p = sub.add_parser("convert", help="json (array) / jsonl / csv / parquet -> parquet, streaming.")
     p.add_argument("input", type=Path, help="Input file (.json array or lines, .jsonl, .csv/.tsv, .parquet).")
     p.add_argument("output", type=Path, help="Output parquet file.")
     text_column(p)
     p.add_argument("--out-column", default="text", help="Name of the text column in the output.")
-    p.add_argument("--row-group-size", type=int, default=10_000, help="Rows per parquet row group.")
+    row_group_size(p, 10_000, "Rows per parquet row group.")
     p.add_argument("--keep-columns", default="", help="Comma-separated extra columns/fields to carry over.")
     p.add_argument(
         "--skip-bad", action="store_true", help="Drop bad rows (counted and reported) instead of failing."
@@ -601,9 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=2222, help="Seed of the per-row hash that picks validation rows."
     )
-    p.add_argument(
-        "--row-group-size", type=int, default=None, help="Rows per row group (default: the input's)."
-    )
+    row_group_size(p, None, "Rows per row group (default: the input's).")
     text_column(p)
     p.add_argument("--json", action="store_true", help="Print the counts as JSON.")
 
@@ -620,9 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Drop exact duplicates (NFKC, case and whitespace normalized) and sample each length bucket "
         "in proportion, every bucket represented.",
     )
-    p.add_argument(
-        "--row-group-size", type=int, default=None, help="Rows per row group (default: the input's)."
-    )
+    row_group_size(p, None, "Rows per row group (default: the input's).")
     text_column(p)
     p.add_argument("--json", action="store_true", help="Print the statistics as JSON.")
 
@@ -650,14 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", type=Path, required=True, help="Directory for part-*.parquet and _manifest.json."
     )
     text_column(p)
-    p.add_argument("--workers", type=int, default=2, help="Tokenizer processes (0 = in this process).")
-    p.add_argument(
-        "--rows-per-shard",
-        type=int,
-        default=None,
-        help="Rows per output file (default: ~2 per worker, <= 100k).",
+    shards = p.add_argument_group(
+        "shards", "About 2 output files (shards) per worker, of at most 100k rows, unless --rows-per-shard."
     )
-    p.add_argument("--row-group-size", type=int, default=1000, help="Rows per row group in the shards.")
+    shards.add_argument("--workers", type=int, default=2, help="Tokenizer processes (0 = in this process).")
+    shards.add_argument("--rows-per-shard", type=int, default=None, help="Rows per output file.")
+    row_group_size(shards, 1000, "Rows per row group in the shards.")
     p.add_argument("--max-rows", type=int, default=None, help="Tokenize only the first N rows of the inputs.")
     p.add_argument("--overwrite", action="store_true", help="Replace shards already in --out-dir.")
     return parser
@@ -754,11 +752,6 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-#: Exit status of a user error (bad argument, file or row), as argparse's usage errors and
-#: ``dstrain``'s own (README, exit codes).
-USER_ERROR_EXIT = 2
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dstrain data``: run one subcommand; user errors print one line, exit 2.
 
@@ -776,8 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         message = f"{where}{e.strerror or e}"
-    print(f"dstrain data {args.command}: error: {message}", file=sys.stderr)
-    return USER_ERROR_EXIT
+    return user_error(message, f"dstrain data {args.command}")
 
 
 if __name__ == "__main__":

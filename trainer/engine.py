@@ -32,8 +32,18 @@ def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, An
         lr_scheduler=lambda opt: make_scheduler(opt, total_steps, job.schedule),
         config=ds_config,
     )
-    use_foreach_grad_norm(engine.optimizer)
-    skip_unneeded_view_reset(engine.optimizer)
+    # DeepSpeed's ZeRO-1/2 step, with less host work per parameter (each says when it applies;
+    # the names applied are kept for the equality tests, which must run the patched path).
+    engine.dstrain_step_patches = [
+        patch.__name__
+        for patch in (
+            use_foreach_grad_norm,
+            skip_unneeded_view_reset,
+            batched_copy_back,
+            lean_zero1_bucket_fill,
+        )
+        if patch(engine.optimizer)
+    ]
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every
         # gradient into buckets, "all-reduce" them and copy them back at each boundary.
@@ -81,6 +91,116 @@ def use_foreach_grad_norm(optimizer: Any) -> bool:
         return total
 
     optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
+
+
+def batched_copy_back(optimizer: Any) -> bool:
+    """ZeRO-1/2's reduced gradients copied back into the parameters' gradients with one
+    multi-tensor copy instead of one ``copy_`` (and one no-op accumulate call) per parameter.
+
+    DeepSpeed 0.19.8's ``allreduce_and_copy`` flattens a bucket of gradients, all-reduces it and
+    unflattens it, then walks the bucket in Python. Without ``overlap_comm`` (CPU, ZeRO-1) and
+    with no partition buffer to accumulate into, that walk is only the copies: the same copies
+    as ``torch._foreach_copy_``. Any other case keeps DeepSpeed's method. Its per-parameter
+    bucket-fill report, a no-op unless DeepSpeed's memory logging is forced, goes too.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.overlap_comm:
+        return False
+    from deepspeed import comm as ds_dist
+
+    original = optimizer.allreduce_and_copy
+
+    def allreduce_and_copy(
+        small_bucket: list,
+        communication_data_type: torch.dtype,
+        rank: Any = None,
+        log: Any = None,
+        divide: bool = True,
+        process_group: Any = None,
+        output_bucket: Any = None,
+    ) -> None:
+        group = optimizer.dp_process_group if process_group is None else process_group
+        if (output_bucket is not None and any(o is not None for o in output_bucket)) or (
+            rank is not None and rank != ds_dist.get_rank(group=group)
+        ):
+            return original(
+                small_bucket,
+                communication_data_type,
+                rank=rank,
+                log=log,
+                divide=divide,
+                process_group=process_group,
+                output_bucket=output_bucket,
+            )
+        reduced = optimizer.allreduce_bucket(
+            small_bucket, communication_data_type, rank=rank, log=log, divide=divide, process_group=group
+        )
+        torch._foreach_copy_(small_bucket, optimizer.unflatten(reduced, small_bucket))
+
+    optimizer.allreduce_and_copy = allreduce_and_copy
+    # Called twice per parameter per step to log bucket fill; it ends in DeepSpeed's
+    # see_memory_usage(force=False), which returns at once: only the Python calls were left.
+    optimizer.report_ipg_memory_usage = lambda *args, **kwargs: None
+    return True
+
+
+def lean_zero1_bucket_fill(optimizer: Any) -> bool:
+    """ZeRO-1's end-of-backward bucket fill without DeepSpeed's per-parameter call chain.
+
+    Without gradient hooks (ZeRO-1, no ``overlap_comm``), DeepSpeed 0.19.8's
+    ``reduce_gradients`` walks every parameter through ``reduce_ready_partitions_and_remove_grads``
+    -> ``reduce_independent_p_g_buckets_and_remove_grads``: about ten Python calls each
+    (autocast, MoE, AutoEP, offload-safety and memory-report checks that are all off here) to
+    append the gradient to its communication-dtype bucket. This appends the same gradients
+    with the same bookkeeping (``bucket.grads``, ``bucket.params``, ``bucket.elements``; a full
+    bucket is reduced first, as DeepSpeed does), then runs DeepSpeed's own epilogue, which
+    reduces the buckets and builds the partition. Anything outside that case (ZeRO-2,
+    ``overlap_comm``, contiguous gradients, offload, MoE, AutoEP, pipelines) keeps DeepSpeed's
+    method.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if (
+        type(optimizer) is not DeepSpeedZeroOptimizer
+        or optimizer.partition_gradients
+        or optimizer.overlap_comm
+        or optimizer.contiguous_gradients
+        or optimizer.cpu_offload
+        or getattr(optimizer, "zenflow", False)
+        or getattr(optimizer, "autoep_folding_tp_group", None) is not None
+        or getattr(optimizer, "has_moe_layers", False)
+    ):
+        return False
+    original = optimizer.reduce_gradients
+    comm_dtypes: dict[int, torch.dtype] = {}  # fixed per parameter once autocast is set up
+
+    def reduce_gradients(pipeline_parallel: bool = False) -> None:
+        if pipeline_parallel:
+            return original(pipeline_parallel)
+        if optimizer.is_gradient_accumulation_boundary():
+            already = optimizer.params_already_reduced
+            for i, group in enumerate(optimizer.bit16_groups):
+                for param in group:
+                    grad = optimizer.get_gradient_for_reduction(param)
+                    numel = param.numel()
+                    if grad is None or numel == 0 or not getattr(param, "ds_grad_is_ready", True):
+                        continue
+                    key = id(param)
+                    if key not in comm_dtypes:
+                        comm_dtypes[key] = optimizer.get_param_comm_dtype(param)
+                    bucket = optimizer.ipg_buckets[comm_dtypes[key]]
+                    if bucket.elements + numel > optimizer.reduce_bucket_size:
+                        optimizer.reduce_ipg_grads(comm_dtype=comm_dtypes[key])
+                    param_id = optimizer.get_param_id(param)
+                    assert not already[param_id], f"gradient of parameter {param_id} reduced twice"
+                    bucket.elements += numel
+                    bucket.grads.append(grad)
+                    bucket.params.append((i, param.param_idx_in_group, param_id))
+        optimizer.overlapping_partition_gradients_reduce_epilogue()
+
+    optimizer.reduce_gradients = reduce_gradients
     return True
 
 

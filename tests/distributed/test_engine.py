@@ -92,6 +92,10 @@ def test_zero_stages_agree_with_each_other_and_plain_torch(engine_results, refer
     want_losses, want_norms = reference
     assert want_losses[-1] < want_losses[0] - 0.1, "the reference loop must actually learn"
     assert results[0]["offload_optimizer"] == "DeepSpeedCPUAdam"
+    # the ZeRO-1/2 steps compared below are the ones with dstrain's host-work cuts (trainer/engine.py)
+    common = ["use_foreach_grad_norm", "skip_unneeded_view_reset", "batched_copy_back"]
+    assert results[0]["patches"]["1"] == [*common, "lean_zero1_bucket_fill"]
+    assert results[0]["patches"]["2"] == common and results[0]["patches"]["0"] == []
     for stage in ("0", "1", "2", "3", "offload"):
         assert len(losses[stage]) == STEPS
         for step, (got, want) in enumerate(zip(losses[stage], want_losses, strict=True)):

@@ -80,11 +80,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dist = DistInfo.from_env()
     init_distributed(dist)
-    result: dict = {"losses": {}, "norms": {}}
+    result: dict = {"losses": {}, "norms": {}, "patches": {}}
     for stage in (0, 1, 2, 3):
         losses, engine, norms = train(dist, stage, micro=2, accum=2)
         result["losses"][str(stage)] = losses
         result["norms"][str(stage)] = norms
+        result["patches"][str(stage)] = engine.dstrain_step_patches
         if stage == 3:
             probe = torch.arange(1, 17).view(2, 8)
             engine.eval()

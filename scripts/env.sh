@@ -11,6 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# DeepSpeed JIT-builds its CPU ops into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
+# shared by every environment of the user): two venvs on one machine would rebuild the same op
+# over each other's build while ranks of the other wait on its lock. One build dir per venv.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"
 STAMP=.venv/.dstrain-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   LOG=.venv/install.log

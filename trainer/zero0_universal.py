@@ -52,6 +52,12 @@ def zero0_to_universal(ckpt: Path, out: Path, group_names: list[list[str]]) -> P
             f"{[len(g['params']) for g in saved_groups]} parameters, this model's "
             f"{[len(n) for n in group_names]}; resume with the settings that saved it"
         )
+    unknown = {key for state in optimizer["state"].values() for key in state} - {"step", *MOMENTS}
+    if unknown:  # e.g. Muon's momentum_buffer: the universal layout here carries AdamW's state
+        raise CheckpointError(
+            f"{ckpt / MODEL_STATES}: its optimizer state holds {sorted(unknown)}, which dstrain "
+            "converts to a ZeRO-1/2 layout only for AdamW; resume with --zero.stage 0"
+        )
     module = states["module"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -317,3 +317,38 @@ def test_a_full_disk_in_the_middle_of_a_save_is_an_enospc_oserror(tmp_path, monk
         save_with_crc({"w": torch.zeros(1000)}, tmp_path / "x.pt")
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
+
+
+def test_a_zero0_save_converts_for_zero12_only_when_its_state_is_adamws_and_its_groups_match(tmp_path):
+    """trainer/zero0_universal.py writes DeepSpeed's universal layout from a ZeRO-0 save (the
+    resume through it is tests/faults/test_zero_stage_change.py); what it cannot carry is one
+    line, not a silently dropped optimizer state."""
+    from trainer.zero0_universal import MODEL_STATES, zero0_to_universal
+
+    w, b = torch.randn(3, 2), torch.randn(3)
+    adam = {"step": torch.tensor(4.0), "exp_avg": torch.randn(3, 2), "exp_avg_sq": torch.rand(3, 2)}
+    states = {
+        "module": {"w": w, "b": b},
+        "ds_version": "0.19.8",
+        "optimizer": {
+            "state": {0: adam, 1: {"step": torch.tensor(4.0)}},
+            "param_groups": [{"params": [0], "lr": 1e-3, "fused": True}, {"params": [1], "lr": 1e-3}],
+        },
+    }
+    torch.save(states, tmp_path / MODEL_STATES)
+    out = zero0_to_universal(tmp_path, tmp_path / "universal", [["w"], ["b"]])
+    assert torch.equal(torch.load(out / "zero" / "w" / "exp_avg.pt")["param"], adam["exp_avg"])
+    assert torch.equal(torch.load(out / "zero" / "w" / "fp32.pt")["param"], w)
+    assert (
+        not (out / "zero" / "b" / "exp_avg.pt").exists() and torch.load(out / "zero" / "b" / "step.pt") == 4
+    )
+    groups = torch.load(out / "zero" / "optimizer_state.pt")["param_groups"]
+    assert groups == [{"lr": 1e-3}, {"lr": 1e-3}], "torch's own switches (fused) stay this run's"
+    assert torch.load(out / MODEL_STATES, weights_only=False)["optimizer"] is None
+
+    with pytest.raises(CheckpointError, match=r"groups hold \[1, 1\] parameters, this model's \[2\]"):
+        zero0_to_universal(tmp_path, tmp_path / "u2", [["w", "b"]])
+    states["optimizer"]["state"][0] = {"momentum_buffer": torch.randn(3, 2)}
+    torch.save(states, tmp_path / MODEL_STATES)
+    with pytest.raises(CheckpointError, match=r"holds \['momentum_buffer'\].*--zero.stage 0"):
+        zero0_to_universal(tmp_path, tmp_path / "u3", [["w"], ["b"]])

@@ -207,7 +207,8 @@ class ZeroConfig(ConfigBase):
     stage: int | Literal["auto"] = opt(
         2,
         "ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+gradients), 3 (+parameters); auto = the fastest that fits "
-        "the GPUs present by dstrain's memory estimate, offload included (trainer/planner.py).",
+        "the GPUs present by dstrain's memory estimate, offload included (trainer/planner.py). On one rank "
+        "1 and 2 run as 0 (see Planner).",
     )
     offload_optimizer: bool = opt(False, "Keep optimizer state on the CPU and step with CPU Adam.")
     offload_params: bool = opt(False, "Keep parameters on the CPU (ZeRO-3 only).")

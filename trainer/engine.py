@@ -3,6 +3,8 @@ job's hyper-parameters into the optimizer after a checkpoint load."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -10,6 +12,11 @@ import torch
 
 from trainer.config import JobConfig
 from trainer.optim import DECAY, build_optimizer, make_scheduler, param_groups
+
+log = logging.getLogger("dstrain")
+# DeepSpeed releases whose ZeRO-1/2 optimizer the step patches were read against and tested with
+# (tests/distributed/test_engine.py: losses and gradient norms of ZeRO 0-3 vs plain torch).
+STEP_PATCHES_VERIFIED_ON = ("0.19.8",)
 
 
 def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int) -> Any:
@@ -35,20 +42,31 @@ def build_engine(job: JobConfig, model: torch.nn.Module, ds_config: dict[str, An
     # DeepSpeed's ZeRO-1/2 step, with less host work per parameter (each says when it applies;
     # the names applied are kept for the equality tests, which must run the patched path).
     engine.dstrain_step_patches = [
-        patch.__name__
-        for patch in (
-            use_foreach_grad_norm,
-            skip_unneeded_view_reset,
-            batched_copy_back,
-            lean_zero1_bucket_fill,
-        )
-        if patch(engine.optimizer)
+        patch.__name__ for patch in step_patches(deepspeed.__version__) if patch(engine.optimizer)
     ]
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to reduce; DeepSpeed would still flatten every
         # gradient into buckets, "all-reduce" them and copy them back at each boundary.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def step_patches(version: str) -> tuple[Callable[[Any], bool], ...]:
+    """The step patches below for this DeepSpeed version: all of them on the versions whose
+    ``DeepSpeedZeroOptimizer`` they were written against and tested with, none on any other.
+
+    Each patch replaces a DeepSpeed method with a leaner one that relies on that method's body
+    (its bucket bookkeeping, its attribute names). On another release DeepSpeed's own step runs:
+    correct, with its per-parameter host work, and the log says so once.
+    """
+    if version in STEP_PATCHES_VERIFIED_ON:
+        return (use_foreach_grad_norm, skip_unneeded_view_reset, batched_copy_back, lean_zero1_bucket_fill)
+    log.info(
+        "DeepSpeed %s: running its own ZeRO-1/2 step (dstrain's lighter step is verified on DeepSpeed %s)",
+        version,
+        ", ".join(STEP_PATCHES_VERIFIED_ON),
+    )
+    return ()
 
 
 def use_foreach_grad_norm(optimizer: Any) -> bool:

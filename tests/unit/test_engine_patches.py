@@ -1,0 +1,29 @@
+"""The ZeRO-1/2 step patches apply only on the DeepSpeed release they were tested with."""
+
+from __future__ import annotations
+
+import logging
+
+import deepspeed
+
+from trainer.engine import STEP_PATCHES_VERIFIED_ON, step_patches
+
+
+def test_the_installed_deepspeed_gets_every_step_patch():
+    # The suite's ZeRO 0-3 equality test runs the patched step; it must be the installed release.
+    assert deepspeed.__version__ in STEP_PATCHES_VERIFIED_ON
+    names = [patch.__name__ for patch in step_patches(deepspeed.__version__)]
+    assert names == [
+        "use_foreach_grad_norm",
+        "skip_unneeded_view_reset",
+        "batched_copy_back",
+        "lean_zero1_bucket_fill",
+    ]
+
+
+def test_another_deepspeed_runs_its_own_step_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="dstrain"):
+        assert step_patches("0.19.9") == ()
+        assert step_patches("0.18.0") == ()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "DeepSpeed 0.19.9: running its own ZeRO-1/2 step" in lines[0], lines

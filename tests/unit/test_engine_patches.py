@@ -9,16 +9,11 @@ import deepspeed
 from trainer.engine import STEP_PATCHES_VERIFIED_ON, step_patches
 
 
-def test_the_installed_deepspeed_gets_every_step_patch():
-    # The suite's ZeRO 0-3 equality test runs the patched step; it must be the installed release.
+def test_the_installed_deepspeed_is_the_verified_release():
+    # The suite's ZeRO 0-3 equality test (tests/distributed/test_engine.py) checks on real engines
+    # which patches ran; that proves them only if the installed release is the verified one.
     assert deepspeed.__version__ in STEP_PATCHES_VERIFIED_ON
-    names = [patch.__name__ for patch in step_patches(deepspeed.__version__)]
-    assert names == [
-        "use_foreach_grad_norm",
-        "skip_unneeded_view_reset",
-        "batched_copy_back",
-        "lean_zero1_bucket_fill",
-    ]
+    assert step_patches(deepspeed.__version__)
 
 
 def test_another_deepspeed_runs_its_own_step_and_says_so(caplog):
